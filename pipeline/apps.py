@@ -1,0 +1,13 @@
+from django.apps import AppConfig
+from django.db.models.signals import post_migrate
+
+
+class PipelineConfig(AppConfig):
+    name = "pipeline"
+    verbose_name = "Pipeline engine"
+
+    def ready(self) -> None:
+        from pipeline import checks  # noqa: F401  (registers the system checks)
+        from pipeline.schedule import sweep_schedule_ensure
+
+        post_migrate.connect(sweep_schedule_ensure, sender=self)

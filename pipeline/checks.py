@@ -1,0 +1,62 @@
+"""System checks for configuration mistakes that would break the durable contract."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core import checks
+
+from pipeline.dispatch import task_timeout_seconds
+from pipeline.workflow import workflows_all
+
+
+@checks.register(checks.Tags.compatibility)
+def check_queue_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    errors: list[checks.CheckMessage] = []
+    cluster = getattr(settings, "Q_CLUSTER", {})
+    retry = cluster.get("retry")
+    longest = max(
+        (
+            (task_timeout_seconds(workflow, stage.name), f"{workflow.name}.{stage.name}")
+            for workflow in workflows_all()
+            for stage in workflow.stages
+        ),
+        default=(0, ""),
+    )
+    if retry is not None and retry <= longest[0]:
+        errors.append(
+            checks.Error(
+                f"Q_CLUSTER['retry'] ({retry}s) is not above the longest task timeout "
+                f"({longest[0]}s, {longest[1]}): django-q2 would deliver that task twice while "
+                "it still runs.",
+                hint="Raise Q_RETRY_SECONDS or shorten the stage's timeout or attempts.",
+                id="pipeline.E001",
+            )
+        )
+    if cluster.get("max_attempts") != 1:
+        errors.append(
+            checks.Error(
+                "Q_CLUSTER['max_attempts'] must be 1: the engine owns retries.",
+                hint="Set max_attempts=1 and ack_failures=True in Q_CLUSTER.",
+                id="pipeline.E002",
+            )
+        )
+    if not cluster.get("ack_failures"):
+        errors.append(
+            checks.Error(
+                "Q_CLUSTER['ack_failures'] must be True, or django-q2 redelivers failed tasks "
+                "behind the engine's back.",
+                hint="Set ack_failures=True in Q_CLUSTER.",
+                id="pipeline.E003",
+            )
+        )
+    lease = settings.PIPELINE_LEASE_SECONDS
+    if lease <= 0 or settings.PIPELINE_SWEEP_SECONDS <= 0:
+        errors.append(
+            checks.Error(
+                "PIPELINE_LEASE_SECONDS and PIPELINE_SWEEP_SECONDS must be positive.",
+                id="pipeline.E004",
+            )
+        )
+    return errors

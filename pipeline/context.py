@@ -1,0 +1,161 @@
+"""What a stage function sees while it runs one attempt."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cached_property
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from django.conf import settings
+from django.db import DatabaseError, connection
+
+from pipeline import store
+from pipeline.errors import LeaseLost, PipelineError
+
+if TYPE_CHECKING:
+    from pipeline.llm import LLMGateway
+
+logger = logging.getLogger(__name__)
+
+
+class Heartbeat:
+    """Extends the attempt's lease from a background thread while the stage works.
+
+    When the lease is lost (expired, cancelled, re-claimed) or the deadline passes, it stops and
+    remembers why; the stage learns of it at its next `ctx.heartbeat()` or write, and the
+    completion is fenced out in any case."""
+
+    def __init__(self, claim: store.Claim) -> None:
+        self._claim = claim
+        self._interval = max(0.05, float(settings.PIPELINE_LEASE_SECONDS) / 3)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="stage-heartbeat", daemon=True)
+        self.lost: PipelineError | None = None
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.wait(self._interval):
+                try:
+                    store.stage_heartbeat(self._claim)
+                except LeaseLost as exc:
+                    self.lost = exc
+                    return
+                except PipelineError as exc:  # the deadline passed
+                    self.lost = exc
+                    return
+                except DatabaseError:
+                    # A dropped connection must not kill the heartbeat; the next beat reconnects.
+                    logger.warning("heartbeat for stage %s failed; retrying", self._claim.stage_id)
+                    connection.close()
+        finally:
+            connection.close()
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise self.lost
+
+
+class StageContext:
+    """The claim, the committed outputs of earlier stages, and the durable helpers."""
+
+    def __init__(self, claim: store.Claim, heartbeat: Heartbeat) -> None:
+        self.claim = claim
+        self._heartbeat = heartbeat
+        self.audio_seconds = 0.0
+        self.compute_seconds = 0.0
+
+    @property
+    def run_id(self) -> int:
+        return self.claim.run_id
+
+    @property
+    def stage_name(self) -> str:
+        return self.claim.stage_name
+
+    @property
+    def attempt_number(self) -> int:
+        return self.claim.attempt_number
+
+    @property
+    def input(self) -> dict[str, Any]:
+        return self.claim.run_input
+
+    @cached_property
+    def outputs(self) -> dict[str, Any]:
+        """Outputs of earlier stages, as committed (a fork's reused outputs included)."""
+        return store.stage_outputs(self.claim.run_id, before_position=self.claim.position)
+
+    @cached_property
+    def llm(self) -> LLMGateway:
+        from pipeline.llm import LLMGateway
+
+        return LLMGateway(self)
+
+    def heartbeat(self) -> None:
+        """Raise if this attempt no longer owns the stage; call it between pieces of work."""
+        self._heartbeat.check()
+        store.stage_heartbeat(self.claim)
+
+    def checkpoint_save(self, key: str, value: Any) -> None:
+        self._heartbeat.check()
+        store.checkpoint_save(self.claim, key=key, value=value)
+
+    def checkpoints(self, prefix: str = "") -> dict[str, Any]:
+        return store.checkpoints_load(self.claim, prefix=prefix)
+
+    # --- artifacts: large outputs kept in private storage, referenced from the output ---------
+
+    @property
+    def attempt_dir(self) -> Path:
+        return storage_root() / artifact_prefix(self.claim)
+
+    @contextmanager
+    def artifact_writer(self, name: str, mode: str = "wb") -> Iterator[IO[Any]]:
+        """Write an artifact atomically: readers see the whole file or none of it."""
+        self.attempt_dir.mkdir(parents=True, exist_ok=True)
+        final = self.attempt_dir / name
+        partial = final.with_name(final.name + ".partial")
+        try:
+            with open(partial, mode) as handle:
+                yield handle
+            partial.replace(final)
+        finally:
+            partial.unlink(missing_ok=True)
+
+    def artifact_ref(self, name: str) -> str:
+        """The storage-relative reference kept in the stage output."""
+        return f"{artifact_prefix(self.claim)}/{name}"
+
+    def discard_artifacts(self) -> None:
+        """A failed attempt leaves nothing behind."""
+        shutil.rmtree(self.attempt_dir, ignore_errors=True)
+
+
+def storage_root() -> Path:
+    return Path(settings.PRIVATE_STORAGE_ROOT)
+
+
+def artifact_prefix(claim: store.Claim) -> str:
+    return f"runs/{claim.run_id}/{claim.stage_name}/attempt-{claim.attempt_number}"
+
+
+def artifact_path(ref: str) -> Path:
+    """Resolve an artifact reference from a stage output, refusing to leave storage."""
+    root = storage_root().resolve()
+    path = (root / ref).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"artifact reference escapes private storage: {ref!r}")
+    return path

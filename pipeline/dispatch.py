@@ -1,0 +1,55 @@
+"""Hands stages to django-q2. A queue message is only a wake-up call naming a stage; the
+database says whether there is anything to do when it arrives."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import transaction
+from django_q.tasks import async_task
+
+from pipeline import store
+from pipeline.models import Stage
+from pipeline.workflow import StageSpec, Workflow, workflow_get
+
+TASK_STAGE_EXECUTE = "pipeline.tasks.stage_execute"
+
+
+def task_timeout_seconds(workflow: Workflow, stage_name: str) -> int:
+    """How long one queue message may keep a worker: the stage and every stage after it that
+    the worker runs inline (same queue), each with all its attempts and short backoffs."""
+    names = workflow.stage_names
+    first = workflow.stage(stage_name)
+    total = 0.0
+    for spec in workflow.stages[names.index(stage_name) :]:
+        if spec.queue != first.queue:
+            break
+        total += _stage_budget_seconds(spec)
+    return int(total) + 60
+
+
+def _stage_budget_seconds(spec: StageSpec) -> float:
+    attempts = spec.policy.maximum_attempts
+    inline_waits = (attempts - 1) * float(settings.PIPELINE_INLINE_RETRY_MAX_SECONDS)
+    return spec.policy.start_to_close_timeout_seconds * attempts + inline_waits
+
+
+def stage_enqueue(stage_ids: list[int]) -> None:
+    """Send a wake-up message per stage once the current transaction commits."""
+    stages = list(Stage.objects.filter(id__in=stage_ids).select_related("run"))
+    if not stages:
+        return
+    store.stages_mark_enqueued([stage.id for stage in stages])
+
+    def send() -> None:
+        for stage in stages:
+            workflow = workflow_get(stage.run.workflow)
+            spec = workflow.stage(stage.name)
+            options: dict[str, object] = {
+                "task_name": f"run-{stage.run_id}-{stage.name}-{stage.attempt_count + 1}",
+                "timeout": task_timeout_seconds(workflow, stage.name),
+            }
+            if spec.queue:
+                options["cluster"] = spec.queue
+            async_task(TASK_STAGE_EXECUTE, stage.id, q_options=options)
+
+    transaction.on_commit(send)

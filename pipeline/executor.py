@@ -1,0 +1,149 @@
+"""Runs attempts: claim, call the stage function, commit or classify the failure, go on.
+
+After a stage commits, the same worker claims the next stage at once when it belongs to the
+same queue (as DBOS runs steps inline): the gap between stages is a database round trip, not a
+queue round trip. A stage bound for another queue is handed to the broker instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import traceback
+
+from django.conf import settings
+from django.utils import timezone
+
+from pipeline import dispatch, store
+from pipeline.context import Heartbeat, StageContext
+from pipeline.errors import LeaseLost, TransientError, error_code, is_retryable
+from pipeline.models import Run, RunStatus, Stage, StageStatus
+from pipeline.workflow import workflow_get
+
+logger = logging.getLogger(__name__)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def stage_execute(stage_id: int, *, worker: str | None = None) -> None:
+    """Run a stage that a queue message (or a caller) says is ready, and what follows inline.
+
+    Safe to call for a stage that is not ready, already running elsewhere or finished: the
+    claim fails and nothing happens. That is what makes redelivery harmless."""
+    worker = worker or worker_name()
+    next_id: int | None = stage_id
+    while next_id is not None:
+        claim = store.stage_claim(stage_id=next_id, worker=worker)
+        if claim is None:
+            return
+        next_id = _attempt_run(claim)
+
+
+def _attempt_run(claim: store.Claim) -> int | None:
+    """Run one attempt; return the id of the stage this worker should claim next, if any."""
+    spec = workflow_get(claim.workflow).stage(claim.stage_name)
+    started = time.monotonic()
+    with Heartbeat(claim) as heartbeat:
+        ctx = StageContext(claim, heartbeat)
+        try:
+            output = spec.run(ctx)
+            heartbeat.check()
+            next_id = store.attempt_complete(
+                claim,
+                output=output,
+                audio_seconds=ctx.audio_seconds,
+                compute_seconds=ctx.compute_seconds or time.monotonic() - started,
+            )
+        except LeaseLost:
+            # Someone else owns the stage now (or it was cancelled): write nothing more.
+            logger.warning(
+                "attempt %s of stage %s (run %s) lost its lease; discarding its work",
+                claim.attempt_number,
+                claim.stage_name,
+                claim.run_id,
+            )
+            ctx.discard_artifacts()
+            return None
+        except Exception as exc:
+            ctx.discard_artifacts()
+            return _attempt_failed(claim, ctx, exc, elapsed=time.monotonic() - started)
+    logger.info(
+        "run %s stage %s attempt %s succeeded in %.2fs",
+        claim.run_id,
+        claim.stage_name,
+        claim.attempt_number,
+        time.monotonic() - started,
+    )
+    if next_id is None:
+        return None
+    next_spec = workflow_get(claim.workflow).stage(_stage_name(next_id))
+    if next_spec.queue == spec.queue:
+        return next_id
+    dispatch.stage_enqueue([next_id])
+    return None
+
+
+def _attempt_failed(
+    claim: store.Claim, ctx: StageContext, exc: Exception, *, elapsed: float
+) -> int | None:
+    spec = workflow_get(claim.workflow).stage(claim.stage_name)
+    failure = store.Failure(
+        code=error_code(exc),
+        message=str(exc) or type(exc).__name__,
+        traceback="".join(traceback.format_exception(exc)),
+        retryable=is_retryable(exc, non_retryable=spec.policy.non_retryable_errors),
+        retry_after_seconds=exc.retry_after_seconds if isinstance(exc, TransientError) else None,
+    )
+    stage = store.attempt_fail(
+        claim,
+        failure,
+        audio_seconds=ctx.audio_seconds,
+        compute_seconds=ctx.compute_seconds or elapsed,
+    )
+    logger.warning(
+        "run %s stage %s attempt %s failed (%s)%s",
+        claim.run_id,
+        claim.stage_name,
+        claim.attempt_number,
+        failure.code,
+        "" if stage is None else f"; stage is now {stage.status}",
+    )
+    if stage is None or stage.status != StageStatus.READY or stage.next_attempt_at is None:
+        return None
+    # A short backoff is waited out here; a long one is left to the recovery sweep, so a
+    # worker is never parked for minutes.
+    wait = (stage.next_attempt_at - timezone.now()).total_seconds()
+    if wait > settings.PIPELINE_INLINE_RETRY_MAX_SECONDS:
+        return None
+    time.sleep(max(0.0, wait))
+    return stage.id
+
+
+def _stage_name(stage_id: int) -> str:
+    return Stage.objects.values_list("name", flat=True).get(id=stage_id)
+
+
+def run_execute_inline(run: Run, *, worker: str | None = None) -> Run:
+    """Drive a run to a final state in this process, backoffs included (no cluster needed)."""
+    worker = worker or worker_name()
+    while True:
+        run.refresh_from_db()
+        if run.status in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED):
+            return run
+        ready = store.run_ready_stages(run.id)
+        if not ready:
+            # A stage is running elsewhere (or its lease must expire first): wait for it.
+            store.stages_reap_expired()
+            time.sleep(0.2)
+            continue
+        stage = ready[0]
+        wait = (
+            (stage.next_attempt_at - timezone.now()).total_seconds() if stage.next_attempt_at else 0
+        )
+        if wait > 0:
+            time.sleep(wait)
+        stage_execute(stage.id, worker=worker)

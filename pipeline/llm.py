@@ -1,0 +1,227 @@
+"""The LLM gateway: structured output over the openai SDK, memoized and metered.
+
+Every request is identified by a digest of what decides its answer (model, messages, output
+schema). An answered request is recorded in the ledger with its tokens and cost before the
+answer is used, so a retry of the stage finds it there and never pays for it again. The SDK's
+own retries are off: every try is the engine's, visible as an attempt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from functools import lru_cache
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import openai
+from django.conf import settings
+from django.utils import timezone
+from openai.lib._parsing._completions import type_to_response_format_param
+from pydantic import BaseModel, ValidationError
+
+from pipeline import prices, store
+from pipeline.errors import BudgetExceeded, OutputInvalid, PermanentError, TransientError
+
+if TYPE_CHECKING:
+    from pipeline.context import StageContext
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T", bound=BaseModel)
+OFFLINE_MODEL = "offline-engine"
+
+# HTTP statuses worth another try (DESIGN.md point 5); every other error status is permanent.
+_TRANSIENT_STATUSES = frozenset({408, 409, 429})
+
+
+def request_digest(model: str, messages: list[dict[str, Any]], response_format: Any) -> str:
+    canonical = json.dumps(
+        {"model": model, "messages": messages, "response_format": response_format},
+        sort_keys=True,
+        separators=(",", ":"),
+        default=str,
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def llm_enabled() -> bool:
+    """Whether a real model is configured; without a key the offline engine answers."""
+    return bool(settings.OPENAI_API_KEY)
+
+
+@lru_cache(maxsize=4)
+def _client(api_key: str, base_url: str | None, timeout_seconds: float) -> openai.OpenAI:
+    return openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout_seconds)
+
+
+def classify_openai_error(exc: openai.OpenAIError) -> TransientError | PermanentError:
+    """Map the SDK's exceptions to the engine's: transient ones retry, permanent ones stop."""
+    if isinstance(exc, openai.APITimeoutError):
+        return TransientError("the LLM provider did not answer in time", code="llm_timeout")
+    if isinstance(exc, openai.APIConnectionError):
+        return TransientError("could not reach the LLM provider", code="llm_connection")
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        code = f"llm_http_{status}"
+        if status in _TRANSIENT_STATUSES or status >= 500:
+            retry_after = _retry_after_seconds(exc.response.headers.get("retry-after"))
+            return TransientError(
+                f"the LLM provider answered HTTP {status}; will retry",
+                code=code,
+                retry_after_seconds=retry_after,
+            )
+        if status in (401, 403):
+            return PermanentError(
+                f"the LLM provider refused our credentials (HTTP {status}); "
+                "check OPENAI_API_KEY and the key's access to LLM_MODEL",
+                code=code,
+            )
+        return PermanentError(
+            f"the LLM provider rejected the request (HTTP {status}): {exc.message}; "
+            "check LLM_MODEL and OPENAI_BASE_URL",
+            code=code,
+        )
+    return PermanentError(f"unexpected LLM client error: {exc}", code="llm_error")
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+class LLMGateway:
+    """Structured calls bound to one attempt: memo lookups, budget, ledger."""
+
+    def __init__(self, ctx: StageContext) -> None:
+        self._ctx = ctx
+
+    def complete(
+        self,
+        *,
+        messages: list[dict[str, Any]],
+        output_type: type[T],
+        offline: Callable[[], T],
+        check: Callable[[T], None] | None = None,
+    ) -> T:
+        """Ask for an `output_type`; validate it (schema, then `check`); repair once.
+
+        `offline` builds the answer without a model when none is configured. `check` raises
+        ValueError for an answer that parses but is wrong (e.g. cites unknown evidence)."""
+        if not llm_enabled():
+            return self._offline(output_type, offline, messages)
+        model = settings.LLM_MODEL
+        response_format = type_to_response_format_param(output_type)
+        content = self._call(model, messages, response_format)
+        problem = _problem(content, output_type, check)
+        if problem is None:
+            return output_type.model_validate_json(content)
+        repair = [
+            *messages,
+            {"role": "assistant", "content": content},
+            {
+                "role": "user",
+                "content": "Your answer was not valid: "
+                f"{problem}. Answer again with only JSON that satisfies the schema.",
+            },
+        ]
+        content = self._call(model, repair, response_format)
+        problem = _problem(content, output_type, check)
+        if problem is not None:
+            raise OutputInvalid(
+                f"the model's {output_type.__name__} was invalid twice (after one repair "
+                f"request): {problem}"
+            )
+        return output_type.model_validate_json(content)
+
+    def _offline(
+        self, output_type: type[T], offline: Callable[[], T], messages: list[dict[str, Any]]
+    ) -> T:
+        digest = request_digest(OFFLINE_MODEL, messages, output_type.__name__)
+        found = store.llm_call_find(self._ctx.claim, digest=digest)
+        if found is not None:
+            return output_type.model_validate_json(found.content)
+        result = offline()
+        store.llm_call_record(
+            self._ctx.claim,
+            digest=digest,
+            model=OFFLINE_MODEL,
+            content=result.model_dump_json(),
+            input_tokens=0,
+            output_tokens=0,
+            cost_usd=prices.cost_usd(
+                OFFLINE_MODEL, timezone.now().date(), input_tokens=0, output_tokens=0
+            ),
+            duration_ms=0,
+        )
+        return result
+
+    def _call(self, model: str, messages: list[dict[str, Any]], response_format: Any) -> str:
+        """One request, sent only if no earlier attempt of this stage got its answer."""
+        claim = self._ctx.claim
+        digest = request_digest(model, messages, response_format)
+        found = store.llm_call_find(claim, digest=digest)
+        if found is not None:
+            logger.info("run %s %s: reused an answered LLM call", claim.run_id, claim.stage_name)
+            return found.content
+        self._ctx.heartbeat()
+        budget = int(settings.LLM_RUN_TOKEN_BUDGET)
+        spent = store.run_tokens_spent(claim.run_id)
+        if spent >= budget:
+            raise BudgetExceeded(
+                f"this run has used {spent} LLM tokens, its budget is {budget} "
+                "(LLM_RUN_TOKEN_BUDGET); raise the budget or shorten the recording"
+            )
+        client = _client(
+            settings.OPENAI_API_KEY, settings.OPENAI_BASE_URL, settings.LLM_REQUEST_TIMEOUT_SECONDS
+        )
+        started = time.monotonic()
+        try:
+            completion = client.chat.completions.create(
+                model=model, messages=messages, response_format=response_format
+            )
+        except openai.OpenAIError as exc:
+            raise classify_openai_error(exc) from exc
+        duration_ms = int((time.monotonic() - started) * 1000)
+        usage = completion.usage
+        input_tokens = usage.prompt_tokens if usage else 0
+        output_tokens = usage.completion_tokens if usage else 0
+        content = (completion.choices[0].message.content or "") if completion.choices else ""
+        store.llm_call_record(
+            claim,
+            digest=digest,
+            model=model,
+            content=content,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost_usd=prices.cost_usd(
+                model,
+                timezone.now().date(),
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+            ),
+            duration_ms=duration_ms,
+        )
+        return content
+
+
+def _problem(content: str, output_type: type[T], check: Callable[[T], None] | None) -> str | None:
+    """What is wrong with an answer, in words a model (and an admin) can act on; None if ok."""
+    try:
+        parsed = output_type.model_validate_json(content)
+    except ValidationError as exc:
+        details = "; ".join(
+            f"{'.'.join(str(part) for part in err['loc']) or 'answer'}: {err['msg']}"
+            for err in exc.errors()[:5]
+        )
+        return f"it does not match the {output_type.__name__} schema ({details})"
+    if check is not None:
+        try:
+            check(parsed)
+        except ValueError as exc:
+            return str(exc)
+    return None

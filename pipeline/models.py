@@ -1,0 +1,190 @@
+"""The engine's tables. Every read and write of them goes through `pipeline.store`."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.db import models
+from django.db.models import Q
+
+
+class RunStatus(models.TextChoices):
+    QUEUED = "queued", "Queued"
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+class StageStatus(models.TextChoices):
+    PENDING = "pending", "Pending"  # waiting for the stages before it
+    READY = "ready", "Ready"  # may be claimed from next_attempt_at on (a retry waits here)
+    RUNNING = "running", "Running"  # claimed: a worker holds the lease
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"  # gave up: permanent error or attempts exhausted
+    CANCELLED = "cancelled", "Cancelled"
+
+
+class AttemptStatus(models.TextChoices):
+    RUNNING = "running", "Running"
+    SUCCEEDED = "succeeded", "Succeeded"
+    FAILED = "failed", "Failed"
+    LOST = "lost", "Lost (lease expired)"  # the worker died or stopped heartbeating
+    CANCELLED = "cancelled", "Cancelled"
+
+
+def _status_check(name: str, choices: type[models.TextChoices]) -> models.CheckConstraint:
+    return models.CheckConstraint(condition=Q(status__in=choices.values), name=name)
+
+
+class Run(models.Model):
+    """One execution of a workflow for a subject (an opaque key the domain chooses)."""
+
+    workflow = models.CharField(max_length=64)
+    subject = models.CharField(max_length=128)
+    status = models.CharField(max_length=16, choices=RunStatus.choices, default=RunStatus.QUEUED)
+    input = models.JSONField(default=dict)
+    forked_from = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="forks"
+    )
+    fork_stage = models.CharField(max_length=64, blank=True)
+    error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [_status_check("pipeline_run_status_valid", RunStatus)]
+        indexes = [
+            models.Index(fields=["subject", "-created_at"], name="pipeline_run_subject_idx"),
+            models.Index(fields=["status", "-created_at"], name="pipeline_run_status_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"run {self.pk} of {self.workflow} ({self.status})"
+
+
+class Stage(models.Model):
+    """One stage of one run: its status, lease, retry schedule and committed output."""
+
+    run = models.ForeignKey(Run, on_delete=models.CASCADE, related_name="stages")
+    name = models.CharField(max_length=64)
+    position = models.PositiveSmallIntegerField()
+    status = models.CharField(
+        max_length=16, choices=StageStatus.choices, default=StageStatus.PENDING
+    )
+    attempt_count = models.PositiveIntegerField(default=0)
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    enqueued_at = models.DateTimeField(null=True, blank=True)
+    lease_owner = models.CharField(max_length=128, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    output = models.JSONField(null=True, blank=True)
+    # A forked run reuses the outputs of the stages before its fork point by reference.
+    reused_from = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="reused_by"
+    )
+    error_code = models.CharField(max_length=64, blank=True)
+    error_message = models.TextField(blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run_id", "position"]
+        constraints = [
+            _status_check("pipeline_stage_status_valid", StageStatus),
+            models.UniqueConstraint(fields=["run", "name"], name="pipeline_stage_unique_name"),
+            models.UniqueConstraint(
+                fields=["run", "position"], name="pipeline_stage_unique_position"
+            ),
+            models.CheckConstraint(
+                condition=~Q(status=StageStatus.RUNNING) | Q(lease_expires_at__isnull=False),
+                name="pipeline_stage_running_has_lease",
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["status", "next_attempt_at"], name="pipeline_stage_due_idx"),
+            models.Index(fields=["status", "lease_expires_at"], name="pipeline_stage_lease_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} of run {self.run_id} ({self.status})"
+
+
+class Attempt(models.Model):
+    """One try at a stage. Kept for every try, not only the last one."""
+
+    stage = models.ForeignKey(Stage, on_delete=models.CASCADE, related_name="attempts")
+    number = models.PositiveIntegerField()
+    status = models.CharField(
+        max_length=16, choices=AttemptStatus.choices, default=AttemptStatus.RUNNING
+    )
+    worker = models.CharField(max_length=128, blank=True)
+    started_at = models.DateTimeField()
+    finished_at = models.DateTimeField(null=True, blank=True)
+    error_code = models.CharField(max_length=64, blank=True)
+    error_message = models.TextField(blank=True)
+    traceback = models.TextField(blank=True)
+    input_tokens = models.PositiveIntegerField(default=0)
+    output_tokens = models.PositiveIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    audio_seconds = models.FloatField(default=0.0)
+    compute_seconds = models.FloatField(default=0.0)
+
+    class Meta:
+        ordering = ["stage_id", "number"]
+        constraints = [
+            _status_check("pipeline_attempt_status_valid", AttemptStatus),
+            models.UniqueConstraint(
+                fields=["stage", "number"], name="pipeline_attempt_unique_number"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"attempt {self.number} of {self.stage}"
+
+
+class Checkpoint(models.Model):
+    """A finished piece of a stage (a transcribed chunk, say) that a retry will not redo."""
+
+    stage = models.ForeignKey(Stage, on_delete=models.CASCADE, related_name="checkpoints")
+    key = models.CharField(max_length=200)
+    value = models.JSONField()
+    attempt_number = models.PositiveIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["stage", "key"], name="pipeline_checkpoint_unique_key")
+        ]
+
+    def __str__(self) -> str:
+        return f"checkpoint {self.key} of stage {self.stage_id}"
+
+
+class LLMCall(models.Model):
+    """One answered model request: the token ledger, and the memo that stops paying twice.
+
+    Keyed by (stage, request digest): a retry of the stage finds the answer here instead of
+    sending the request again."""
+
+    stage = models.ForeignKey(Stage, on_delete=models.CASCADE, related_name="llm_calls")
+    attempt = models.ForeignKey(Attempt, on_delete=models.CASCADE, related_name="llm_calls")
+    digest = models.CharField(max_length=64)
+    model = models.CharField(max_length=128)
+    content = models.TextField()
+    input_tokens = models.PositiveIntegerField(default=0)
+    output_tokens = models.PositiveIntegerField(default=0)
+    cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    duration_ms = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["stage", "digest"], name="pipeline_llmcall_unique_digest"
+            )
+        ]
+        indexes = [models.Index(fields=["created_at"], name="pipeline_llmcall_created_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.model} call {self.digest[:12]}"

@@ -1,0 +1,61 @@
+"""Model prices with effective dates, so that a call is priced at what it cost that day."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import date
+from decimal import Decimal
+from functools import lru_cache
+from pathlib import Path
+
+from django.conf import settings
+from pydantic import BaseModel, TypeAdapter
+
+logger = logging.getLogger(__name__)
+
+_MILLION = Decimal(1_000_000)
+
+
+class Price(BaseModel):
+    model: str
+    effective_from: date
+    input_usd_per_million: Decimal
+    output_usd_per_million: Decimal
+
+
+@lru_cache(maxsize=4)
+def _load(path: Path) -> tuple[Price, ...]:
+    prices = TypeAdapter(list[Price]).validate_python(json.loads(path.read_text()))
+    return tuple(sorted(prices, key=lambda price: price.effective_from, reverse=True))
+
+
+def price_table() -> tuple[Price, ...]:
+    return _load(Path(settings.LLM_PRICE_TABLE))
+
+
+def price_for(model: str, on: date) -> Price | None:
+    """The price in force for `model` on `on`.
+
+    A dated snapshot ("gpt-4o-2024-08-06") takes its family's price; the most specific family
+    wins, so "gpt-4o-mini" is never priced as "gpt-4o"."""
+    in_force = [
+        price
+        for price in price_table()
+        if price.effective_from <= on
+        and (model == price.model or model.startswith(price.model + "-"))
+    ]
+    if not in_force:
+        return None
+    return max(in_force, key=lambda price: (len(price.model), price.effective_from))
+
+
+def cost_usd(model: str, on: date, *, input_tokens: int, output_tokens: int) -> Decimal:
+    price = price_for(model, on)
+    if price is None:
+        logger.warning("no price for model %s on %s; its calls are recorded at $0", model, on)
+        return Decimal(0)
+    cost = (
+        input_tokens * price.input_usd_per_million + output_tokens * price.output_usd_per_million
+    ) / _MILLION
+    return cost.quantize(Decimal("0.000001"))

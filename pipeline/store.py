@@ -1,0 +1,510 @@
+"""The only module that reads or writes runs, stages, attempts, checkpoints and LLM calls.
+
+Every transition is a short transaction whose WHERE clause is the fence: a stage is claimed only
+if it is still ready, completed or failed only by the attempt that holds its lease. That is
+what makes a duplicate delivery, a zombie worker or a racing sweep harmless.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F, Q, QuerySet, Sum
+from django.db.models.functions import Coalesce
+from django.utils import timezone
+
+from pipeline.errors import AttemptTimedOut, LeaseLost
+from pipeline.models import (
+    Attempt,
+    AttemptStatus,
+    Checkpoint,
+    LLMCall,
+    Run,
+    RunStatus,
+    Stage,
+    StageStatus,
+)
+from pipeline.workflow import StageSpec, Workflow, workflow_get
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What a worker holds while it runs one attempt of a stage."""
+
+    stage_id: int
+    run_id: int
+    workflow: str
+    stage_name: str
+    position: int
+    attempt_id: int
+    attempt_number: int
+    worker: str
+    started_at: datetime
+    deadline: datetime
+    run_input: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How an attempt ended badly, as the executor classified it."""
+
+    code: str
+    message: str
+    traceback: str
+    retryable: bool
+    retry_after_seconds: float | None = None
+
+
+def _lease_seconds() -> float:
+    return float(settings.PIPELINE_LEASE_SECONDS)
+
+
+def _spec(stage: Stage) -> StageSpec:
+    return workflow_get(stage.run.workflow).stage(stage.name)
+
+
+# --- runs ------------------------------------------------------------------------------------
+
+
+def run_create(
+    *,
+    workflow: Workflow,
+    subject: str,
+    input: dict[str, Any],
+    forked_from: Run | None = None,
+    fork_stage: str = "",
+) -> Run:
+    """Create a run and its stages. Stages before `fork_stage` reuse `forked_from`'s outputs."""
+    now = timezone.now()
+    with transaction.atomic():
+        run = Run.objects.create(
+            workflow=workflow.name,
+            subject=subject,
+            input=input,
+            forked_from=forked_from,
+            fork_stage=fork_stage,
+        )
+        reused: dict[str, Stage] = {}
+        if forked_from is not None:
+            fork_at = workflow.stage_names.index(fork_stage)
+            reused = {
+                stage.name: stage
+                for stage in forked_from.stages.filter(
+                    name__in=workflow.stage_names[:fork_at], status=StageStatus.SUCCEEDED
+                )
+            }
+        rows = []
+        first_open = True
+        for position, spec in enumerate(workflow.stages):
+            source = reused.get(spec.name)
+            if source is not None:
+                rows.append(
+                    Stage(
+                        run=run,
+                        name=spec.name,
+                        position=position,
+                        status=StageStatus.SUCCEEDED,
+                        output=source.output,
+                        reused_from=source.reused_from or source,
+                        started_at=now,
+                        finished_at=now,
+                    )
+                )
+                continue
+            rows.append(
+                Stage(
+                    run=run,
+                    name=spec.name,
+                    position=position,
+                    status=StageStatus.READY if first_open else StageStatus.PENDING,
+                    next_attempt_at=now if first_open else None,
+                )
+            )
+            first_open = False
+        Stage.objects.bulk_create(rows)
+    return run
+
+
+def run_ready_stages(run_id: int) -> list[Stage]:
+    return list(Stage.objects.filter(run_id=run_id, status=StageStatus.READY).select_related("run"))
+
+
+def run_cancel(*, run: Run, reason: str) -> bool:
+    """Cancel every stage not yet finished. A running attempt is fenced out at its next write."""
+    now = timezone.now()
+    with transaction.atomic():
+        updated = Run.objects.filter(
+            id=run.id, status__in=[RunStatus.QUEUED, RunStatus.RUNNING]
+        ).update(status=RunStatus.CANCELLED, error=reason, finished_at=now)
+        if not updated:
+            return False
+        open_stages = Stage.objects.filter(
+            run_id=run.id,
+            status__in=[StageStatus.PENDING, StageStatus.READY, StageStatus.RUNNING],
+        )
+        Attempt.objects.filter(stage__in=open_stages, status=AttemptStatus.RUNNING).update(
+            status=AttemptStatus.CANCELLED, finished_at=now, error_message=reason
+        )
+        open_stages.update(
+            status=StageStatus.CANCELLED,
+            lease_owner="",
+            lease_expires_at=None,
+            error_message=reason,
+            finished_at=now,
+        )
+    return True
+
+
+def run_retry(*, run: Run) -> Stage | None:
+    """Give the run's failed stage one more attempt; everything before it stays as it is."""
+    now = timezone.now()
+    with transaction.atomic():
+        stage = (
+            Stage.objects.select_for_update()
+            .filter(run_id=run.id, status=StageStatus.FAILED)
+            .order_by("position")
+            .first()
+        )
+        if stage is None:
+            return None
+        stage.status = StageStatus.READY
+        stage.next_attempt_at = now
+        stage.enqueued_at = None
+        stage.finished_at = None
+        stage.save(update_fields=["status", "next_attempt_at", "enqueued_at", "finished_at"])
+        Run.objects.filter(id=run.id).update(status=RunStatus.RUNNING, error="", finished_at=None)
+    return stage
+
+
+def stage_run_now(*, stage: Stage) -> bool:
+    """Skip what remains of a ready stage's backoff."""
+    return bool(
+        Stage.objects.filter(id=stage.id, status=StageStatus.READY).update(
+            next_attempt_at=timezone.now(), enqueued_at=None
+        )
+    )
+
+
+# --- claiming and running one attempt -------------------------------------------------------
+
+
+def stage_claim(*, stage_id: int, worker: str) -> Claim | None:
+    """Take the lease on a ready, due stage and open its next attempt; None if not ours to run.
+
+    PostgreSQL locks the row with SKIP LOCKED so that racing workers never wait on each other;
+    elsewhere the conditional UPDATE alone decides who wins."""
+    now = timezone.now()
+    stage = Stage.objects.select_related("run").filter(id=stage_id).first()
+    if stage is None or stage.status != StageStatus.READY:
+        return None
+    if stage.next_attempt_at is not None and stage.next_attempt_at > now:
+        return None
+    spec = _spec(stage)
+    timeout = spec.policy.start_to_close_timeout_seconds
+    deadline = now + timedelta(seconds=timeout)
+    lease_until = now + timedelta(seconds=min(_lease_seconds(), timeout))
+    number = stage.attempt_count + 1
+    with transaction.atomic():
+        claimable = Stage.objects.filter(
+            id=stage_id, status=StageStatus.READY, attempt_count=stage.attempt_count
+        )
+        if connection.features.has_select_for_update_skip_locked:
+            locked = claimable.select_for_update(skip_locked=True).values_list("id", flat=True)
+            if not list(locked):
+                return None
+        updated = claimable.update(
+            status=StageStatus.RUNNING,
+            attempt_count=number,
+            lease_owner=worker,
+            lease_expires_at=lease_until,
+            started_at=Coalesce(F("started_at"), now),
+        )
+        if not updated:
+            return None
+        attempt = Attempt.objects.create(
+            stage_id=stage_id, number=number, worker=worker, started_at=now
+        )
+        Run.objects.filter(id=stage.run_id, status=RunStatus.QUEUED).update(
+            status=RunStatus.RUNNING, started_at=now
+        )
+    return Claim(
+        stage_id=stage_id,
+        run_id=stage.run_id,
+        workflow=stage.run.workflow,
+        stage_name=stage.name,
+        position=stage.position,
+        attempt_id=attempt.id,
+        attempt_number=number,
+        worker=worker,
+        started_at=now,
+        deadline=deadline,
+        run_input=stage.run.input,
+    )
+
+
+def _held(claim: Claim, now: datetime) -> QuerySet[Stage]:
+    """The stage row, only while `claim` still holds an unexpired lease on it."""
+    return Stage.objects.filter(
+        id=claim.stage_id,
+        status=StageStatus.RUNNING,
+        attempt_count=claim.attempt_number,
+        lease_expires_at__gte=now,
+    )
+
+
+def stage_heartbeat(claim: Claim) -> None:
+    """Extend the lease (never past the attempt's deadline); raise if it is no longer ours."""
+    now = timezone.now()
+    if now >= claim.deadline:
+        raise AttemptTimedOut(f"stage {claim.stage_name} ran past its start-to-close timeout")
+    until = min(now + timedelta(seconds=_lease_seconds()), claim.deadline)
+    if not _held(claim, now).update(lease_expires_at=until):
+        raise LeaseLost(
+            f"attempt {claim.attempt_number} of {claim.stage_name} lost its lease "
+            "(expired, cancelled, or taken by a newer attempt)"
+        )
+
+
+def attempt_complete(
+    claim: Claim, *, output: dict[str, Any], audio_seconds: float, compute_seconds: float
+) -> int | None:
+    """Commit the output and `succeeded` together; open the next stage and return its id."""
+    now = timezone.now()
+    with transaction.atomic():
+        if not _held(claim, now).update(
+            status=StageStatus.SUCCEEDED,
+            output=output,
+            finished_at=now,
+            lease_owner="",
+            lease_expires_at=None,
+            error_code="",
+            error_message="",
+        ):
+            raise LeaseLost(
+                f"attempt {claim.attempt_number} of {claim.stage_name} finished after losing "
+                "its lease; its output was discarded"
+            )
+        Attempt.objects.filter(id=claim.attempt_id).update(
+            status=AttemptStatus.SUCCEEDED,
+            finished_at=now,
+            audio_seconds=audio_seconds,
+            compute_seconds=compute_seconds,
+        )
+        next_stage = (
+            Stage.objects.filter(run_id=claim.run_id, position__gt=claim.position)
+            .exclude(status=StageStatus.SUCCEEDED)
+            .order_by("position")
+            .first()
+        )
+        if next_stage is None:
+            Run.objects.filter(id=claim.run_id, status=RunStatus.RUNNING).update(
+                status=RunStatus.SUCCEEDED, finished_at=now
+            )
+            return None
+        Stage.objects.filter(id=next_stage.id, status=StageStatus.PENDING).update(
+            status=StageStatus.READY, next_attempt_at=now, enqueued_at=None
+        )
+        return next_stage.id
+
+
+def attempt_fail(
+    claim: Claim, failure: Failure, *, audio_seconds: float = 0.0, compute_seconds: float = 0.0
+) -> Stage | None:
+    """Record a failed attempt and schedule the next one, or give up. None if fenced out."""
+    now = timezone.now()
+    with transaction.atomic():
+        stage = (
+            Stage.objects.select_for_update()
+            .select_related("run")
+            .filter(
+                id=claim.stage_id,
+                status=StageStatus.RUNNING,
+                attempt_count=claim.attempt_number,
+            )
+            .first()
+        )
+        if stage is None:
+            return None
+        Attempt.objects.filter(id=claim.attempt_id).update(
+            status=AttemptStatus.FAILED,
+            finished_at=now,
+            error_code=failure.code[:64],
+            error_message=failure.message,
+            traceback=failure.traceback,
+            audio_seconds=audio_seconds,
+            compute_seconds=compute_seconds,
+        )
+        _schedule_after_failure(stage, failure, now)
+    return stage
+
+
+def _schedule_after_failure(stage: Stage, failure: Failure, now: datetime) -> None:
+    policy = _spec(stage).policy
+    stage.error_code = failure.code[:64]
+    stage.error_message = failure.message
+    stage.lease_owner = ""
+    stage.lease_expires_at = None
+    if failure.retryable and stage.attempt_count < policy.maximum_attempts:
+        delay = policy.delay_after(stage.attempt_count, rng=random.Random())  # noqa: S311
+        if failure.retry_after_seconds is not None:
+            delay = max(delay, failure.retry_after_seconds)
+        stage.status = StageStatus.READY
+        stage.next_attempt_at = now + timedelta(seconds=delay)
+        stage.enqueued_at = None
+    else:
+        if failure.retryable:
+            stage.error_message = (
+                f"gave up after {stage.attempt_count} attempts; last error: {failure.message}"
+            )
+        stage.status = StageStatus.FAILED
+        stage.finished_at = now
+        Run.objects.filter(id=stage.run_id).exclude(status=RunStatus.CANCELLED).update(
+            status=RunStatus.FAILED,
+            error=f"{stage.name}: {stage.error_message}",
+            finished_at=now,
+        )
+    stage.save()
+
+
+# --- recovery -------------------------------------------------------------------------------
+
+
+def stages_reap_expired() -> list[int]:
+    """Take back every running stage whose lease expired: its attempt is marked lost and the
+    stage is retried (or failed) by its policy. Returns the ids of stages made ready."""
+    now = timezone.now()
+    made_ready: list[int] = []
+    expired = Stage.objects.filter(status=StageStatus.RUNNING, lease_expires_at__lt=now)
+    for stage_id in expired.values_list("id", flat=True):
+        with transaction.atomic():
+            locked = Stage.objects.select_for_update().select_related("run")
+            stage = locked.filter(
+                id=stage_id, status=StageStatus.RUNNING, lease_expires_at__lt=now
+            ).first()
+            if stage is None:
+                continue
+            attempt = Attempt.objects.filter(stage=stage, number=stage.attempt_count).first()
+            timed_out = attempt is not None and stage.lease_expires_at >= attempt.started_at + (
+                timedelta(seconds=_spec(stage).policy.start_to_close_timeout_seconds)
+            )
+            failure = Failure(
+                code=AttemptTimedOut.code if timed_out else LeaseLost.code,
+                message=(
+                    "the attempt ran past its start-to-close timeout"
+                    if timed_out
+                    else f"worker {stage.lease_owner or '?'} stopped heartbeating "
+                    "(killed or stalled); its lease expired"
+                ),
+                traceback="",
+                retryable=True,
+            )
+            if attempt is not None:
+                Attempt.objects.filter(id=attempt.id, status=AttemptStatus.RUNNING).update(
+                    status=AttemptStatus.LOST,
+                    finished_at=now,
+                    error_code=failure.code,
+                    error_message=failure.message,
+                )
+            _schedule_after_failure(stage, failure, now)
+            if stage.status == StageStatus.READY:
+                made_ready.append(stage.id)
+    return made_ready
+
+
+def stages_due(*, requeue_after_seconds: float) -> list[Stage]:
+    """Ready stages whose time has come and that no live queue message is known to carry."""
+    now = timezone.now()
+    stale = now - timedelta(seconds=requeue_after_seconds)
+    return list(
+        Stage.objects.filter(status=StageStatus.READY, next_attempt_at__lte=now)
+        .filter(Q(enqueued_at__isnull=True) | Q(enqueued_at__lt=stale))
+        .select_related("run")
+        .order_by("next_attempt_at")
+    )
+
+
+def stages_mark_enqueued(stage_ids: list[int]) -> None:
+    Stage.objects.filter(id__in=stage_ids).update(enqueued_at=timezone.now())
+
+
+# --- inside an attempt: checkpoints and the LLM ledger --------------------------------------
+
+
+def checkpoint_save(claim: Claim, *, key: str, value: Any) -> None:
+    """Keep a finished piece of work, only while this attempt still holds the lease."""
+    now = timezone.now()
+    with transaction.atomic():
+        if not _held(claim, now).exists():
+            raise LeaseLost(f"attempt {claim.attempt_number} of {claim.stage_name} lost its lease")
+        try:
+            with transaction.atomic():
+                Checkpoint.objects.create(
+                    stage_id=claim.stage_id,
+                    key=key,
+                    value=value,
+                    attempt_number=claim.attempt_number,
+                )
+        except IntegrityError:
+            pass  # the same piece was already kept: identical work, nothing to add
+
+
+def checkpoints_load(claim: Claim, *, prefix: str = "") -> dict[str, Any]:
+    rows = Checkpoint.objects.filter(stage_id=claim.stage_id, key__startswith=prefix)
+    return dict(rows.values_list("key", "value"))
+
+
+def llm_call_find(claim: Claim, *, digest: str) -> LLMCall | None:
+    return LLMCall.objects.filter(stage_id=claim.stage_id, digest=digest).first()
+
+
+def llm_call_record(
+    claim: Claim,
+    *,
+    digest: str,
+    model: str,
+    content: str,
+    input_tokens: int,
+    output_tokens: int,
+    cost_usd: Decimal,
+    duration_ms: int,
+) -> None:
+    """Put an answered call in the ledger and on its attempt. Tokens were spent whether or not
+    this attempt still holds its lease, so this write is deliberately not fenced."""
+    with transaction.atomic():
+        LLMCall.objects.create(
+            stage_id=claim.stage_id,
+            attempt_id=claim.attempt_id,
+            digest=digest,
+            model=model,
+            content=content,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost_usd=cost_usd,
+            duration_ms=duration_ms,
+        )
+        Attempt.objects.filter(id=claim.attempt_id).update(
+            input_tokens=F("input_tokens") + input_tokens,
+            output_tokens=F("output_tokens") + output_tokens,
+            cost_usd=F("cost_usd") + cost_usd,
+        )
+
+
+def run_tokens_spent(run_id: int) -> int:
+    totals = LLMCall.objects.filter(stage__run_id=run_id).aggregate(
+        tokens=Coalesce(Sum(F("input_tokens") + F("output_tokens")), 0)
+    )
+    return int(totals["tokens"])
+
+
+def stage_outputs(run_id: int, *, before_position: int) -> dict[str, Any]:
+    """Committed outputs of the stages before a position: what a stage may read."""
+    rows = Stage.objects.filter(
+        run_id=run_id, position__lt=before_position, status=StageStatus.SUCCEEDED
+    ).values_list("name", "output")
+    return dict(rows)

@@ -1,0 +1,72 @@
+"""How a domain declares its workflow to the engine: an ordered list of stage specs.
+
+Reading a workflow declaration should tell you everything about how it runs: each stage's
+function, its retry policy and timeout, its non-retryable errors and the queue it runs on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipeline.policy import RetryPolicy
+
+if TYPE_CHECKING:
+    from pipeline.context import StageContext
+
+StageFunction = Callable[["StageContext"], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    run: StageFunction
+    policy: RetryPolicy
+    # The django-q2 cluster (queue) this stage is sent to; None is the default cluster. A stage
+    # on the same queue as the one before it runs on the same worker right after it.
+    queue: str | None = None
+    # Shown to people (admin, status pages).
+    title: str = ""
+
+
+@dataclass(frozen=True)
+class Workflow:
+    name: str
+    stages: tuple[StageSpec, ...]
+
+    def __post_init__(self) -> None:
+        names = [stage.name for stage in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"workflow {self.name!r} declares a stage name twice: {names}")
+        if not names:
+            raise ValueError(f"workflow {self.name!r} has no stages")
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [stage.name for stage in self.stages]
+
+    def stage(self, name: str) -> StageSpec:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"workflow {self.name!r} has no stage {name!r}")
+
+
+_workflows: dict[str, Workflow] = {}
+
+
+def workflow_register(workflow: Workflow) -> None:
+    """Called from a domain app's `ready()`; registering the same name twice replaces it."""
+    _workflows[workflow.name] = workflow
+
+
+def workflow_get(name: str) -> Workflow:
+    try:
+        return _workflows[name]
+    except KeyError:
+        raise KeyError(f"no workflow named {name!r} is registered") from None
+
+
+def workflows_all() -> list[Workflow]:
+    return list(_workflows.values())

@@ -1,0 +1,12 @@
+from django.apps import AppConfig
+
+
+class VisitsConfig(AppConfig):
+    name = "visits"
+    verbose_name = "Visits"
+
+    def ready(self) -> None:
+        from pipeline.workflow import workflow_register
+        from visits.stages import VISIT_WORKFLOW
+
+        workflow_register(VISIT_WORKFLOW)

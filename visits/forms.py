@@ -1,0 +1,38 @@
+from django import forms
+from django.conf import settings
+
+from visits.errors import RecordingRejected
+from visits.services import RECORDING_EXTENSIONS, recording_check
+
+
+class VisitUploadForm(forms.Form):
+    label = forms.CharField(
+        max_length=200,
+        required=False,
+        help_text="Optional, for your own reference. Avoid patient names.",
+    )
+    recording = forms.FileField(
+        help_text="WAV, MP3, M4A, OGG, FLAC or WebM.",
+        widget=forms.ClearableFileInput(attrs={"accept": ",".join(sorted(RECORDING_EXTENSIONS))}),
+    )
+
+    def __init__(self, *args: object, too_large: bool = False, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.too_large = too_large
+
+    def clean_recording(self) -> object:
+        recording = self.cleaned_data["recording"]
+        try:
+            recording_check(name=recording.name or "", size=recording.size or 0)
+        except RecordingRejected as exc:
+            raise forms.ValidationError(str(exc)) from exc
+        return recording
+
+    def clean(self) -> dict[str, object]:
+        if self.too_large:
+            limit = settings.RECORDING_MAX_BYTES / 2**20
+            raise forms.ValidationError(
+                f"The file is larger than the {limit:.0f} MB limit. Split the recording and "
+                "upload the parts as separate visits."
+            )
+        return super().clean()

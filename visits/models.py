@@ -1,0 +1,47 @@
+"""The clinical domain's tables. Pipeline state lives in `pipeline`; a visit points at it."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import PurePath
+
+from django.conf import settings
+from django.db import models
+
+from pipeline.models import Run
+
+
+def recording_upload_to(instance: Visit, filename: str) -> str:
+    # The stored name carries no PHI: a random id and the original extension only.
+    return f"recordings/{uuid.uuid4().hex}{PurePath(filename).suffix.lower()[:8]}"
+
+
+class Visit(models.Model):
+    clinician = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="visits"
+    )
+    label = models.CharField(max_length=200, blank=True)
+    recording = models.FileField(upload_to=recording_upload_to, max_length=255)
+    recording_name = models.CharField(max_length=255)
+    recording_bytes = models.PositiveBigIntegerField()
+    current_run = models.ForeignKey(
+        Run, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["clinician", "-created_at"], name="visit_clinician_idx")]
+        permissions = [("reprocess_visit", "Can retry, re-run or cancel a visit's pipeline")]
+
+    def __str__(self) -> str:
+        return f"visit {self.pk}"
+
+    @property
+    def subject(self) -> str:
+        """How the engine knows this visit's runs."""
+        return visit_subject(self.pk)
+
+
+def visit_subject(visit_id: int) -> str:
+    return f"visit:{visit_id}"

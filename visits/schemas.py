@@ -1,0 +1,114 @@
+"""The documents that cross a boundary: transcript files, and what the LLM must return.
+
+Every clinical statement carries `segment_ids`, the transcript segments it came from, so that
+a clinician can check any sentence against the recording."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Segment(BaseModel):
+    id: int
+    start: float
+    end: float
+    text: str
+
+
+class Transcript(BaseModel):
+    model: str
+    duration_seconds: float
+    segments: list[Segment]
+
+    @property
+    def text(self) -> str:
+        return " ".join(segment.text for segment in self.segments)
+
+    @property
+    def word_count(self) -> int:
+        return len(self.text.split())
+
+
+class _Evidenced(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    segment_ids: list[int] = Field(
+        min_length=1, description="ids of the transcript segments this statement comes from"
+    )
+
+
+class Finding(_Evidenced):
+    text: str = Field(min_length=1)
+
+
+class Medication(_Evidenced):
+    name: str = Field(min_length=1)
+    dose: str | None = Field(description="e.g. '10 mg', or null if not stated")
+    frequency: str | None = Field(description="e.g. 'once a day', or null if not stated")
+
+
+class Vital(_Evidenced):
+    name: str = Field(min_length=1, description="e.g. 'blood pressure'")
+    value: str = Field(min_length=1, description="as stated, e.g. '150/95 mmHg'")
+
+
+class ClinicalSummary(BaseModel):
+    """Structured facts of the visit, each tied to its evidence. Empty lists, never guesses."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    chief_complaint: Finding | None
+    history: list[Finding]
+    medications: list[Medication]
+    allergies: list[Finding]
+    vitals: list[Vital]
+    assessment: list[Finding]
+    plan: list[Finding]
+
+
+class SOAPNote(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    subjective: list[Finding]
+    objective: list[Finding]
+    assessment: list[Finding]
+    plan: list[Finding]
+
+
+class PostVisitNote(BaseModel):
+    """The chart's SOAP note and the patient's plain-language after-visit summary."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    soap: SOAPNote
+    patient_summary: list[Finding] = Field(
+        description="short plain-language sentences for the patient, no jargon"
+    )
+
+
+def cited_ids(document: BaseModel) -> set[int]:
+    """Every segment id a summary or note cites, wherever it sits."""
+    found: set[int] = set()
+
+    def walk(value: object) -> None:
+        if isinstance(value, _Evidenced):
+            found.update(value.segment_ids)
+        if isinstance(value, BaseModel):
+            for field in type(value).model_fields:
+                walk(getattr(value, field))
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(document)
+    return found
+
+
+def evidence_check(document: BaseModel, transcript: Transcript) -> None:
+    """Refuse a document that cites segments the transcript does not have."""
+    unknown = cited_ids(document) - {segment.id for segment in transcript.segments}
+    if unknown:
+        raise ValueError(
+            f"it cites transcript segment ids {sorted(unknown)} that do not exist "
+            f"(valid ids are 0..{len(transcript.segments) - 1})"
+        )

@@ -1,0 +1,81 @@
+"""Writes of the clinical domain. Views, commands and admin actions call these."""
+
+from __future__ import annotations
+
+from pathlib import Path, PurePath
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.files import File
+from django.core.files.uploadedfile import UploadedFile
+from django.db import transaction
+
+from pipeline import dispatch, executor, store
+from visits.errors import SUPPORTED_FORMATS, RecordingRejected
+from visits.models import Visit
+from visits.stages import VISIT_WORKFLOW
+
+RECORDING_EXTENSIONS = frozenset(
+    {".wav", ".mp3", ".m4a", ".aac", ".mp4", ".ogg", ".oga", ".opus", ".flac", ".webm"}
+)
+
+
+def recording_check(*, name: str, size: int) -> None:
+    """Refuse what is certainly not a recording we can take, before storing anything."""
+    extension = PurePath(name).suffix.lower()
+    if extension not in RECORDING_EXTENSIONS:
+        raise RecordingRejected(
+            f"“{extension or 'no extension'}” is not a recording format we accept. "
+            f"Upload a {SUPPORTED_FORMATS} file."
+        )
+    if size > settings.RECORDING_MAX_BYTES:
+        raise RecordingRejected(
+            f"The file is {size / 2**20:.0f} MB; the limit is "
+            f"{settings.RECORDING_MAX_BYTES / 2**20:.0f} MB. Split the recording and upload "
+            "the parts as separate visits."
+        )
+
+
+def visit_create(
+    *, clinician: AbstractBaseUser, recording: UploadedFile | Path, label: str = ""
+) -> Visit:
+    """Store the recording privately, create the visit and its first run (not yet started)."""
+    if isinstance(recording, Path):
+        name, size = recording.name, recording.stat().st_size
+    else:
+        name, size = recording.name or "", recording.size or 0
+    recording_check(name=name, size=size)
+    visit = Visit(
+        clinician=clinician, label=label[:200], recording_name=name[:255], recording_bytes=size
+    )
+    # The file is copied in chunks before the transaction: a failed insert leaves only an
+    # unreferenced file, never a visit pointing at a half-written one.
+    if isinstance(recording, Path):
+        with recording.open("rb") as handle:
+            visit.recording.save(name, File(handle), save=False)
+    else:
+        visit.recording.save(name, recording, save=False)
+    try:
+        with transaction.atomic():
+            visit.save()
+            visit.current_run = store.run_create(
+                workflow=VISIT_WORKFLOW,
+                subject=visit.subject,
+                input={"recording": visit.recording.name},
+            )
+            visit.save(update_fields=["current_run"])
+    except BaseException:
+        visit.recording.delete(save=False)
+        raise
+    return visit
+
+
+def visit_start(*, visit: Visit, inline: bool = False) -> None:
+    """Start (or resume) the visit's current run: on the cluster, or here to the end."""
+    run = visit.current_run
+    if run is None:
+        return
+    if inline:
+        executor.run_execute_inline(run)
+    else:
+        dispatch.stage_enqueue([stage.id for stage in store.run_ready_stages(run.id)])

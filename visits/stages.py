@@ -1,0 +1,170 @@
+"""The visit workflow: four durable stages, read top to bottom.
+
+    ingest -> transcribe -> summarize -> note
+
+Each stage declares here how long one attempt may take, how often it is tried and which of
+its errors are permanent. Everything a stage needs from the ones before comes from their
+committed outputs."""
+
+from __future__ import annotations
+
+import time
+
+from django.conf import settings
+
+from pipeline.context import StageContext, artifact_path
+from pipeline.llm import llm_enabled
+from pipeline.policy import RetryPolicy
+from pipeline.workflow import StageSpec, Workflow
+from visits import audio, offline, prompts, transcription
+from visits.errors import NoSpeechDetected
+from visits.schemas import ClinicalSummary, PostVisitNote, Segment, Transcript, evidence_check
+
+# Fewer words than this is no conversation: never let a model invent a visit from it.
+MIN_SPEECH_WORDS = 4
+
+
+def ingest(ctx: StageContext) -> dict[str, object]:
+    """Decode the uploaded recording into 16 kHz mono PCM."""
+    source = artifact_path(ctx.input["recording"])
+    with ctx.artifact_writer("audio.s16le") as pcm:
+        decoded = audio.recording_normalize(source, pcm, max_seconds=settings.RECORDING_MAX_SECONDS)
+    ctx.audio_seconds = decoded.duration_seconds
+    return {
+        "audio": ctx.artifact_ref("audio.s16le"),
+        "sample_rate": audio.SAMPLE_RATE,
+        "duration_seconds": round(decoded.duration_seconds, 3),
+        "source_format": decoded.source_format,
+        "source_bytes": source.stat().st_size,
+    }
+
+
+def transcribe(ctx: StageContext) -> dict[str, object]:
+    """Transcribe chunk by chunk; each finished chunk is kept, so a retry starts after it."""
+    started = time.monotonic()
+    pcm = audio.pcm_load(artifact_path(ctx.outputs["ingest"]["audio"]))
+    bounds = transcription.chunk_bounds(pcm, settings.TRANSCRIBE_CHUNK_SECONDS)
+    done = ctx.checkpoints(prefix="chunk:")
+    raw_segments: list[dict[str, object]] = []
+    reused = 0
+    for index, (start, end) in enumerate(bounds):
+        key = f"chunk:{index:05d}:{start}:{end}"
+        if key in done:
+            chunk = done[key]
+            reused += 1
+        else:
+            chunk = transcription.transcribe_samples(
+                pcm[start:end], offset_seconds=start / audio.SAMPLE_RATE
+            )
+            ctx.checkpoint_save(key, chunk)
+            ctx.audio_seconds += (end - start) / audio.SAMPLE_RATE
+        raw_segments.extend(chunk)
+    transcript = Transcript(
+        model=transcription.model_choice().name,
+        duration_seconds=ctx.outputs["ingest"]["duration_seconds"],
+        segments=[Segment(id=i, **segment) for i, segment in enumerate(raw_segments)],
+    )
+    ctx.compute_seconds = time.monotonic() - started
+    if transcript.word_count < MIN_SPEECH_WORDS:
+        raise NoSpeechDetected(
+            "No speech detected in the recording "
+            f"({transcript.word_count} words in {transcript.duration_seconds:.0f} s). "
+            "Check that the microphone was on and upload the visit again."
+        )
+    with ctx.artifact_writer("transcript.json", mode="w") as handle:
+        handle.write(transcript.model_dump_json())
+    return {
+        "transcript": ctx.artifact_ref("transcript.json"),
+        "model": transcript.model,
+        "segments": len(transcript.segments),
+        "words": transcript.word_count,
+        "chunks": len(bounds),
+        "chunks_reused": reused,
+    }
+
+
+def transcript_load(transcribe_output: dict[str, object]) -> Transcript:
+    return Transcript.model_validate_json(
+        artifact_path(str(transcribe_output["transcript"])).read_text()
+    )
+
+
+def _engine_label() -> str:
+    return settings.LLM_MODEL if llm_enabled() else offline.ENGINE_LABEL
+
+
+def summarize(ctx: StageContext) -> dict[str, object]:
+    """Structured clinical facts, each citing the transcript segments it came from."""
+    transcript = transcript_load(ctx.outputs["transcribe"])
+    summary = ctx.llm.complete(
+        messages=prompts.summarize_messages(transcript),
+        output_type=ClinicalSummary,
+        offline=lambda: offline.summarize(transcript),
+        check=lambda result: evidence_check(result, transcript),
+    )
+    return {"engine": _engine_label(), "summary": summary.model_dump(mode="json")}
+
+
+def note(ctx: StageContext) -> dict[str, object]:
+    """The SOAP note for the chart and the after-visit summary for the patient."""
+    transcript = transcript_load(ctx.outputs["transcribe"])
+    summary = ClinicalSummary.model_validate(ctx.outputs["summarize"]["summary"])
+    result = ctx.llm.complete(
+        messages=prompts.note_messages(summary),
+        output_type=PostVisitNote,
+        offline=lambda: offline.write_note(summary),
+        check=lambda result: evidence_check(result, transcript),
+    )
+    return {"engine": _engine_label(), "note": result.model_dump(mode="json")}
+
+
+VISIT_WORKFLOW = Workflow(
+    name="visit",
+    stages=(
+        StageSpec(
+            name="ingest",
+            title="Ingest recording",
+            run=ingest,
+            policy=RetryPolicy(
+                initial_interval_seconds=2,
+                maximum_attempts=3,
+                start_to_close_timeout_seconds=600,
+            ),
+        ),
+        StageSpec(
+            name="transcribe",
+            title="Transcribe",
+            run=transcribe,
+            queue=settings.TRANSCRIBE_QUEUE or None,
+            policy=RetryPolicy(
+                initial_interval_seconds=5,
+                maximum_attempts=3,
+                start_to_close_timeout_seconds=7200,
+            ),
+        ),
+        StageSpec(
+            name="summarize",
+            title="Summarize",
+            run=summarize,
+            policy=RetryPolicy(
+                initial_interval_seconds=2,
+                backoff_coefficient=2,
+                maximum_interval_seconds=120,
+                maximum_attempts=6,
+                start_to_close_timeout_seconds=600,
+            ),
+        ),
+        StageSpec(
+            name="note",
+            title="Write note",
+            run=note,
+            policy=RetryPolicy(
+                initial_interval_seconds=2,
+                backoff_coefficient=2,
+                maximum_interval_seconds=120,
+                maximum_attempts=6,
+                start_to_close_timeout_seconds=600,
+            ),
+        ),
+    ),
+)

@@ -1,0 +1,12 @@
+from django.urls import path
+
+from visits import views
+
+app_name = "visits"
+
+urlpatterns = [
+    path("", views.visit_list, name="list"),
+    path("visits/new/", views.visit_upload, name="upload"),
+    path("visits/<int:visit_id>/", views.visit_detail, name="detail"),
+    path("visits/<int:visit_id>/recording/", views.visit_recording, name="recording"),
+]
