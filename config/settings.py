@@ -156,6 +156,10 @@ PIPELINE_SWEEP_SECONDS = env_float("PIPELINE_SWEEP_SECONDS", 60.0)
 # A worker waits out a backoff this short itself instead of handing the stage to the sweep.
 PIPELINE_INLINE_RETRY_MAX_SECONDS = env_float("PIPELINE_INLINE_RETRY_MAX_SECONDS", 15.0)
 
+# Multiplies every retry interval of every policy: 1 in production; the test suite shrinks it
+# so that backoffs are exercised for real without waiting minutes.
+PIPELINE_RETRY_INTERVAL_SCALE = env_float("PIPELINE_RETRY_INTERVAL_SCALE", 1.0)
+
 # --- django-q2: a transport only; the engine owns retries (DESIGN.md) ------------------------
 Q_BROKER = env_str("Q_BROKER", "orm")
 Q_CLUSTER = {

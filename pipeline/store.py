@@ -354,6 +354,7 @@ def _schedule_after_failure(stage: Stage, failure: Failure, now: datetime) -> No
         delay = policy.delay_after(stage.attempt_count, rng=random.Random())  # noqa: S311
         if failure.retry_after_seconds is not None:
             delay = max(delay, failure.retry_after_seconds)
+        delay *= float(settings.PIPELINE_RETRY_INTERVAL_SCALE)
         stage.status = StageStatus.READY
         stage.next_attempt_at = now + timedelta(seconds=delay)
         stage.enqueued_at = None

