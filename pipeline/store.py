@@ -59,6 +59,8 @@ class Failure:
     traceback: str
     retryable: bool
     retry_after_seconds: float | None = None
+    # A lost worker is not an overloaded provider: its stage is retried at once, not backed off.
+    backoff: bool = True
 
 
 def _lease_seconds() -> float:
@@ -351,7 +353,9 @@ def _schedule_after_failure(stage: Stage, failure: Failure, now: datetime) -> No
     stage.lease_owner = ""
     stage.lease_expires_at = None
     if failure.retryable and stage.attempt_count < policy.maximum_attempts:
-        delay = policy.delay_after(stage.attempt_count, rng=random.Random())  # noqa: S311
+        delay = 0.0
+        if failure.backoff:
+            delay = policy.delay_after(stage.attempt_count, rng=random.Random())  # noqa: S311
         if failure.retry_after_seconds is not None:
             delay = max(delay, failure.retry_after_seconds)
         delay *= float(settings.PIPELINE_RETRY_INTERVAL_SCALE)
@@ -404,6 +408,7 @@ def stages_reap_expired() -> list[int]:
                 ),
                 traceback="",
                 retryable=True,
+                backoff=False,
             )
             if attempt is not None:
                 Attempt.objects.filter(id=attempt.id, status=AttemptStatus.RUNNING).update(

@@ -1,0 +1,135 @@
+"""Durability against a real django-q2 cluster on PostgreSQL: no `sync=True` here.
+
+Clusters run as child processes on the test database; the test process only enqueues, kills,
+sweeps and reads the database."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline import recovery
+from pipeline.models import Attempt, AttemptStatus, Checkpoint, RunStatus, Stage, StageStatus
+from tests.conftest import SAMPLE_VISIT, SHORT_VISIT, requires_postgres
+from tests.support.cluster import Cluster, wait_for
+from visits.services import visit_create, visit_start
+
+pytestmark = [requires_postgres, pytest.mark.cluster, pytest.mark.django_db(transaction=True)]
+
+FINAL = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
+
+
+@pytest.fixture
+def clusters(tmp_path: Path, settings) -> Iterator[list[Cluster]]:
+    settings.PIPELINE_LEASE_SECONDS = 2.0
+    settings.TRANSCRIBE_CHUNK_SECONDS = 10.0
+    started: list[Cluster] = []
+    yield started
+    for cluster in started:
+        cluster.kill()  # a graceful django-q2 shutdown takes ~15 s and proves nothing here
+
+
+def start_cluster(clusters: list[Cluster], tmp_path: Path) -> Cluster:
+    cluster = Cluster(tmp_path / f"cluster-{len(clusters)}.log").start()
+    clusters.append(cluster)
+    return cluster
+
+
+def run_status(visit) -> str:
+    visit.current_run.refresh_from_db()
+    return visit.current_run.status
+
+
+def stage(visit, name: str) -> Stage:
+    return Stage.objects.get(run=visit.current_run, name=name)
+
+
+def test_cluster_processes_a_visit(clusters, tmp_path, clinician):
+    cluster = start_cluster(clusters, tmp_path)
+    visit = visit_create(clinician=clinician, recording=SHORT_VISIT)
+    visit_start(visit=visit)
+
+    wait_for(lambda: run_status(visit) in FINAL, timeout=120, what="the run to finish")
+
+    assert run_status(visit) == RunStatus.SUCCEEDED, cluster.log()
+    attempts = Attempt.objects.filter(stage__run=visit.current_run).order_by("stage__position")
+    assert [(a.stage.name, a.number, a.status) for a in attempts] == [
+        ("ingest", 1, "succeeded"),
+        ("transcribe", 1, "succeeded"),
+        ("summarize", 1, "succeeded"),
+        ("note", 1, "succeeded"),
+    ]
+    # The work happened in the cluster's worker processes, not in this one.
+    assert all(not a.worker.endswith(f":{__import__('os').getpid()}") for a in attempts)
+    transcript = stage(visit, "transcribe").output
+    assert transcript["words"] > 10
+
+
+def test_killed_cluster_is_recovered_by_the_sweep_and_resumes_from_its_last_chunk(
+    clusters, tmp_path, clinician
+):
+    first = start_cluster(clusters, tmp_path)
+    visit = visit_create(clinician=clinician, recording=SAMPLE_VISIT)
+    visit_start(visit=visit)
+
+    # Kill the whole cluster once transcription has kept at least one finished chunk.
+    wait_for(
+        lambda: Checkpoint.objects.filter(stage__run=visit.current_run).exists(),
+        timeout=120,
+        what="the first transcribed chunk",
+    )
+    first.kill()
+    transcribe = stage(visit, "transcribe")
+    assert transcribe.status == StageStatus.RUNNING  # nobody has told the database yet
+    kept = Checkpoint.objects.filter(stage=transcribe).count()
+
+    second = start_cluster(clusters, tmp_path)
+    # The lease (2 s) expires; the sweep takes the stage back and sends it to the new cluster.
+    wait_for(lambda: recovery.sweep().reaped, timeout=30, what="the sweep to reap the lease")
+    wait_for(lambda: run_status(visit) in FINAL, timeout=120, what="the run to finish")
+
+    assert run_status(visit) == RunStatus.SUCCEEDED, second.log()
+    attempts = list(stage(visit, "transcribe").attempts.order_by("number"))
+    assert [(a.number, a.status, a.error_code) for a in attempts] == [
+        (1, AttemptStatus.LOST, "lease_lost"),
+        (2, AttemptStatus.SUCCEEDED, ""),
+    ]
+    assert stage(visit, "ingest").attempts.count() == 1  # earlier work was not redone
+    output = stage(visit, "transcribe").output
+    assert output["chunks_reused"] >= kept >= 1
+    assert output["chunks"] > output["chunks_reused"] or kept == output["chunks"]
+
+
+def test_a_zombie_worker_cannot_overwrite_the_newer_attempt(clusters, tmp_path, clinician):
+    zombie = start_cluster(clusters, tmp_path)
+    visit = visit_create(clinician=clinician, recording=SAMPLE_VISIT)
+    visit_start(visit=visit)
+    wait_for(
+        lambda: stage(visit, "transcribe").status == StageStatus.RUNNING,
+        timeout=60,
+        what="transcription to start",
+    )
+    # Freeze the worker mid-stage: it stops heartbeating but is still alive.
+    zombie.signal(signal.SIGSTOP)
+    wait_for(lambda: recovery.sweep().reaped, timeout=30, what="the sweep to reap the lease")
+
+    start_cluster(clusters, tmp_path)
+    wait_for(
+        lambda: stage(visit, "transcribe").status == StageStatus.SUCCEEDED,
+        timeout=120,
+        what="the new attempt to finish transcription",
+    )
+    winner = stage(visit, "transcribe").output
+    # Wake the zombie: it finishes its work and tries to commit it.
+    zombie.signal(signal.SIGCONT)
+    wait_for(lambda: run_status(visit) in FINAL, timeout=120, what="the run to finish")
+
+    transcribe = stage(visit, "transcribe")
+    assert transcribe.output == winner
+    assert "attempt-2" in winner["transcript"]
+    statuses = list(transcribe.attempts.order_by("number").values_list("status", flat=True))
+    assert statuses == [AttemptStatus.LOST, AttemptStatus.SUCCEEDED]
+    assert run_status(visit) == RunStatus.SUCCEEDED
