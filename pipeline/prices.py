@@ -39,15 +39,18 @@ def price_for(model: str, on: date) -> Price | None:
 
     A dated snapshot ("gpt-4o-2024-08-06") takes its family's price; the most specific family
     wins, so "gpt-4o-mini" is never priced as "gpt-4o"."""
-    in_force = [
+    family = [
         price
         for price in price_table()
-        if price.effective_from <= on
-        and (model == price.model or model.startswith(price.model + "-"))
+        if model == price.model or model.startswith(price.model + "-")
     ]
-    if not in_force:
+    if not family:
         return None
-    return max(in_force, key=lambda price: (len(price.model), price.effective_from))
+    # Choose the family by name first: before "gpt-4o-mini" had a price, it had none, not
+    # the price of "gpt-4o".
+    longest = max(len(price.model) for price in family)
+    in_force = [p for p in family if len(p.model) == longest and p.effective_from <= on]
+    return max(in_force, key=lambda price: price.effective_from, default=None)
 
 
 def cost_usd(model: str, on: date, *, input_tokens: int, output_tokens: int) -> Decimal:

@@ -29,7 +29,6 @@ def ingest(ctx: StageContext) -> dict[str, object]:
     source = artifact_path(ctx.input["recording"])
     with ctx.artifact_writer("audio.s16le") as pcm:
         decoded = audio.recording_normalize(source, pcm, max_seconds=settings.RECORDING_MAX_SECONDS)
-    ctx.audio_seconds = decoded.duration_seconds
     return {
         "audio": ctx.artifact_ref("audio.s16le"),
         "sample_rate": audio.SAMPLE_RATE,

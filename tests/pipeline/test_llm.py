@@ -1,0 +1,358 @@
+"""The LLM gateway's building blocks, engine level: how the openai SDK's errors are classified
+(over real HTTP against the loopback fake), what a call costs on a given day, and the request
+digest that memoizes answered calls."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+
+import openai
+import pytest
+from openai import OpenAI
+from openai.lib._parsing._completions import type_to_response_format_param
+from pydantic import BaseModel
+
+from pipeline import prices
+from pipeline.errors import PermanentError, TransientError, is_retryable
+from pipeline.llm import _client, classify_openai_error, request_digest
+from tests.fakes.llm_server import FakeLLMServer
+
+CLIENT_TIMEOUT_SECONDS = 1.0
+MESSAGES = [
+    {"role": "system", "content": "You summarise visits."},
+    {"role": "user", "content": "Summarise: the patient came in for a check-up."},
+]
+
+
+# --- classify_openai_error over real HTTP ----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fake() -> Iterator[FakeLLMServer]:
+    with FakeLLMServer(timeout_seconds=3.0) as server:
+        yield server
+
+
+@pytest.fixture
+def client(fake: FakeLLMServer) -> Iterator[OpenAI]:
+    fake.reset()
+    sdk = OpenAI(
+        api_key="test-key",
+        base_url=fake.base_url,
+        max_retries=0,
+        timeout=CLIENT_TIMEOUT_SECONDS,
+    )
+    yield sdk
+    sdk.close()
+
+
+def _sdk_error(fake: FakeLLMServer, client: OpenAI, fault: str) -> openai.OpenAIError:
+    """Send one real request that the fake answers with `fault`; return what the SDK raised."""
+    fake.script(fault)
+    with pytest.raises(openai.OpenAIError) as caught:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    # Exactly one request reached the server: nothing retried behind our back.
+    assert [r.fault for r in fake.requests] == [fault]
+    return caught.value
+
+
+@pytest.mark.parametrize("fault", ["401", "403"])
+def test_refused_credentials_are_permanent_and_name_the_key(fake, client, fault):
+    error = classify_openai_error(_sdk_error(fake, client, fault))
+
+    assert type(error) is PermanentError
+    assert not is_retryable(error)
+    assert error.code == f"llm_http_{fault}"
+    assert error.message == (
+        f"the LLM provider refused our credentials (HTTP {fault}); "
+        "check OPENAI_API_KEY and the key's access to LLM_MODEL"
+    )
+
+
+@pytest.mark.parametrize(
+    ("fault", "provider_message"),
+    [
+        ("400", "Injected fault: bad request."),
+        ("404", "Injected fault: model not found."),
+        ("422", "Injected fault: unprocessable entity."),
+    ],
+)
+def test_rejected_requests_are_permanent(fake, client, fault, provider_message):
+    error = classify_openai_error(_sdk_error(fake, client, fault))
+
+    assert type(error) is PermanentError
+    assert not is_retryable(error)
+    assert error.code == f"llm_http_{fault}"
+    assert error.message.startswith(f"the LLM provider rejected the request (HTTP {fault}): ")
+    assert provider_message in error.message
+    assert error.message.endswith("; check LLM_MODEL and OPENAI_BASE_URL")
+    assert "OPENAI_API_KEY" not in error.message
+
+
+@pytest.mark.parametrize("fault", ["408", "409", "500", "503"])
+def test_retryable_statuses_are_transient(fake, client, fault):
+    error = classify_openai_error(_sdk_error(fake, client, fault))
+
+    assert type(error) is TransientError
+    assert is_retryable(error)
+    assert error.code == f"llm_http_{fault}"
+    assert error.message == f"the LLM provider answered HTTP {fault}; will retry"
+    assert error.retry_after_seconds is None  # the fake sends no Retry-After for these
+
+
+def test_rate_limit_is_transient_and_keeps_retry_after(fake, client):
+    error = classify_openai_error(_sdk_error(fake, client, "429"))
+
+    assert type(error) is TransientError
+    assert is_retryable(error)
+    assert error.code == "llm_http_429"
+    assert error.message == "the LLM provider answered HTTP 429; will retry"
+    assert error.retry_after_seconds == 0.0  # the fake answers 429 with "retry-after: 0"
+
+
+def test_timeout_is_transient(fake, client):
+    sdk_error = _sdk_error(fake, client, "timeout")
+    assert isinstance(sdk_error, openai.APITimeoutError)
+
+    error = classify_openai_error(sdk_error)
+
+    assert type(error) is TransientError
+    assert is_retryable(error)
+    assert error.code == "llm_timeout"
+    assert error.message == "the LLM provider did not answer in time"
+
+
+def test_dropped_connection_is_transient(fake, client):
+    sdk_error = _sdk_error(fake, client, "disconnect")
+    assert isinstance(sdk_error, openai.APIConnectionError)
+    assert not isinstance(sdk_error, openai.APITimeoutError)
+
+    error = classify_openai_error(sdk_error)
+
+    assert type(error) is TransientError
+    assert is_retryable(error)
+    assert error.code == "llm_connection"
+    assert error.message == "could not reach the LLM provider"
+
+
+def test_unexpected_client_error_is_permanent():
+    error = classify_openai_error(openai.OpenAIError("the SDK is confused"))
+
+    assert type(error) is PermanentError
+    assert error.code == "llm_error"
+    assert error.message == "unexpected LLM client error: the SDK is confused"
+
+
+def test_gateway_client_never_retries_on_its_own(fake):
+    """The engine owns retries: the SDK client the gateway uses has its own retries off, so a
+    429 is one request on the wire, not several."""
+    fake.reset()
+    sdk = _client("test-key", fake.base_url, CLIENT_TIMEOUT_SECONDS)
+    assert sdk.max_retries == 0
+    fake.script("429", "500")
+    for _ in range(2):
+        with pytest.raises(openai.APIStatusError):
+            sdk.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert [r.fault for r in fake.requests] == ["429", "500"]
+
+
+# --- prices with effective dates ------------------------------------------------------------
+
+
+def test_gpt_4o_mini_is_priced_as_itself_not_as_gpt_4o():
+    price = prices.price_for("gpt-4o-mini", date(2025, 1, 15))
+
+    assert price is not None
+    assert price.model == "gpt-4o-mini"
+    assert price.input_usd_per_million == Decimal("0.15")
+    assert price.output_usd_per_million == Decimal("0.60")
+    assert prices.cost_usd(
+        "gpt-4o-mini", date(2025, 1, 15), input_tokens=1_000, output_tokens=500
+    ) == Decimal("0.000450")
+
+
+def test_dated_snapshots_take_their_familys_price():
+    mini = prices.price_for("gpt-4o-mini-2024-07-18", date(2025, 1, 15))
+    full = prices.price_for("gpt-4o-2024-08-06", date(2025, 1, 15))
+
+    assert mini is not None and mini.model == "gpt-4o-mini"
+    assert full is not None and full.model == "gpt-4o"
+    assert full.input_usd_per_million == Decimal("2.50")
+
+
+def test_gpt_4_1_mini_is_not_priced_as_gpt_4_1():
+    price = prices.price_for("gpt-4.1-mini", date(2025, 6, 1))
+
+    assert price is not None
+    assert price.model == "gpt-4.1-mini"
+    assert price.input_usd_per_million == Decimal("0.40")
+
+
+def test_a_model_that_only_shares_a_prefix_is_unknown():
+    assert prices.price_for("gpt-4omni", date(2025, 1, 15)) is None
+
+
+def test_a_model_is_not_priced_as_its_parent_family_before_its_own_price_exists():
+    """gpt-4o-mini has a price from 2024-07-18. Before that the table knows no price for it;
+    borrowing gpt-4o's (33x higher) would be the very mix-up price_for promises never to make."""
+    assert prices.price_for("gpt-4o-mini", date(2024, 7, 1)) is None
+
+
+@pytest.mark.parametrize(
+    ("day", "input_per_million", "output_per_million"),
+    [
+        (date(2024, 5, 13), "5.00", "15.00"),
+        (date(2024, 9, 30), "5.00", "15.00"),
+        (date(2024, 10, 1), "2.50", "10.00"),
+        (date(2025, 3, 1), "2.50", "10.00"),
+    ],
+)
+def test_gpt_4o_price_follows_its_effective_dates(day, input_per_million, output_per_million):
+    price = prices.price_for("gpt-4o", day)
+
+    assert price is not None
+    assert price.model == "gpt-4o"
+    assert price.input_usd_per_million == Decimal(input_per_million)
+    assert price.output_usd_per_million == Decimal(output_per_million)
+
+
+def test_gpt_4o_cost_before_and_after_the_price_cut():
+    tokens = {"input_tokens": 1_000_000, "output_tokens": 1_000_000}
+
+    assert prices.cost_usd("gpt-4o", date(2024, 9, 30), **tokens) == Decimal("20.000000")
+    assert prices.cost_usd("gpt-4o", date(2024, 10, 1), **tokens) == Decimal("12.500000")
+    assert prices.cost_usd("gpt-4o", date(2024, 10, 1), input_tokens=1234, output_tokens=56) == (
+        Decimal("0.003645")  # (1234 * 2.50 + 56 * 10.00) / 1e6 = 0.003645
+    )
+
+
+def test_nothing_is_priced_before_the_table_begins():
+    assert prices.price_for("gpt-4o", date(2024, 5, 12)) is None
+
+
+def test_unknown_model_costs_nothing_and_is_logged(caplog):
+    assert prices.price_for("llama-3-70b", date(2025, 1, 15)) is None
+
+    with caplog.at_level("WARNING", logger="pipeline.prices"):
+        cost = prices.cost_usd(
+            "llama-3-70b", date(2025, 1, 15), input_tokens=10_000, output_tokens=10_000
+        )
+
+    assert cost == Decimal(0)
+    assert "no price for model llama-3-70b on 2025-01-15" in caplog.text
+
+
+def test_offline_engine_is_free():
+    assert prices.cost_usd(
+        "offline-engine", date(2025, 1, 15), input_tokens=0, output_tokens=0
+    ) == Decimal("0.000000")
+
+
+def test_price_table_comes_from_settings(settings, tmp_path: Path):
+    table = tmp_path / "prices.json"
+    table.write_text(
+        json.dumps(
+            [
+                {
+                    "model": "house-model",
+                    "effective_from": "2025-01-01",
+                    "input_usd_per_million": "1",
+                    "output_usd_per_million": "3",
+                }
+            ]
+        )
+    )
+    settings.LLM_PRICE_TABLE = table
+
+    assert prices.price_for("gpt-4o", date(2025, 6, 1)) is None
+    assert prices.cost_usd(
+        "house-model", date(2025, 6, 1), input_tokens=2_000_000, output_tokens=1_000_000
+    ) == Decimal("5.000000")
+
+
+# --- request digest -------------------------------------------------------------------------
+
+
+class _Answer(BaseModel):
+    text: str
+    segment_ids: list[int]
+
+
+class _OtherAnswer(BaseModel):
+    text: str
+    segment_ids: list[str]
+
+
+def test_request_digest_is_a_fixed_function_of_its_inputs():
+    """The digest keys answers kept in the database: it must not change between processes,
+    restarts or releases, or a retry would pay again for calls already answered."""
+    response_format = {"type": "json_schema", "json_schema": {"name": "X", "schema": {}}}
+    canonical = json.dumps(
+        {"model": "gpt-4o-mini", "messages": MESSAGES, "response_format": response_format},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
+
+    digest = request_digest("gpt-4o-mini", MESSAGES, response_format)
+
+    assert digest == hashlib.sha256(canonical.encode()).hexdigest()
+    # Pinned: changing the canonical form orphans every answer already in the ledger.
+    assert digest == "9041abe825c3a743b2aaf3a2c2d9f9d2f922d3a21ecf1ea435d59aa7d8f494f9"
+
+
+def test_request_digest_ignores_key_order_and_object_identity():
+    response_format = type_to_response_format_param(_Answer)
+    reordered_messages = [dict(reversed(list(message.items()))) for message in MESSAGES]
+    reordered_format = json.loads(json.dumps(response_format))
+    reordered_format = dict(reversed(list(reordered_format.items())))
+
+    first = request_digest("gpt-4o-mini", MESSAGES, response_format)
+
+    assert request_digest("gpt-4o-mini", json.loads(json.dumps(MESSAGES)), response_format) == (
+        first
+    )
+    assert request_digest("gpt-4o-mini", reordered_messages, reordered_format) == first
+    assert request_digest("gpt-4o-mini", MESSAGES, type_to_response_format_param(_Answer)) == first
+
+
+def test_request_digest_changes_with_anything_that_decides_the_answer():
+    response_format = type_to_response_format_param(_Answer)
+    base = request_digest("gpt-4o-mini", MESSAGES, response_format)
+    edited = [MESSAGES[0], {"role": "user", "content": MESSAGES[1]["content"] + " "}]
+    repair = [*MESSAGES, {"role": "assistant", "content": "{}"}]
+
+    variants = {
+        "model": request_digest("gpt-4o", MESSAGES, response_format),
+        "message text": request_digest("gpt-4o-mini", edited, response_format),
+        "message order": request_digest("gpt-4o-mini", MESSAGES[::-1], response_format),
+        "repair turn": request_digest("gpt-4o-mini", repair, response_format),
+        "schema": request_digest(
+            "gpt-4o-mini", MESSAGES, type_to_response_format_param(_OtherAnswer)
+        ),
+    }
+
+    assert base not in variants.values()
+    assert len(set(variants.values())) == len(variants)
+
+
+def test_request_digest_matches_what_the_wire_request_asks_for(fake):
+    """For the same model, messages and response_format the gateway's digest and the fake's
+    (computed from the HTTP body the SDK actually sent) agree: the digest covers exactly what
+    goes on the wire."""
+    fake.reset()
+    response_format = type_to_response_format_param(_Answer)
+    sdk = OpenAI(api_key="k", base_url=fake.base_url, max_retries=0, timeout=1.0)
+    try:
+        sdk.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, response_format=response_format
+        )
+    finally:
+        sdk.close()
+
+    (recorded,) = fake.requests
+    assert recorded.digest == request_digest("gpt-4o-mini", MESSAGES, response_format)
