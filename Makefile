@@ -37,3 +37,7 @@ lint: install
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
+
+## bench: the benchmarks in bench/ (results go to BENCHMARKS.md by hand, with the machine).
+bench: install
+	$(BIN)/python bench/run_all.py

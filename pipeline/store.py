@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import F, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -481,23 +481,35 @@ def llm_call_record(
     duration_ms: int,
 ) -> None:
     """Put an answered call in the ledger and on its attempt. Tokens were spent whether or not
-    this attempt still holds its lease, so this write is deliberately not fenced."""
+    this attempt still holds its lease, so this write is deliberately not fenced.
+
+    An answer that is paid for but not recorded would be bought again by the next attempt, so a
+    dropped database connection gets one more try on a fresh connection."""
+    row = {
+        "digest": digest,
+        "model": model,
+        "content": content,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "cost_usd": cost_usd,
+        "duration_ms": duration_ms,
+    }
+    try:
+        _llm_call_insert(claim, row)
+    except (OperationalError, InterfaceError):
+        if connection.in_atomic_block:
+            raise
+        connection.close()
+        _llm_call_insert(claim, row)
+
+
+def _llm_call_insert(claim: Claim, row: dict[str, Any]) -> None:
     with transaction.atomic():
-        LLMCall.objects.create(
-            stage_id=claim.stage_id,
-            attempt_id=claim.attempt_id,
-            digest=digest,
-            model=model,
-            content=content,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost_usd=cost_usd,
-            duration_ms=duration_ms,
-        )
+        LLMCall.objects.create(stage_id=claim.stage_id, attempt_id=claim.attempt_id, **row)
         Attempt.objects.filter(id=claim.attempt_id).update(
-            input_tokens=F("input_tokens") + input_tokens,
-            output_tokens=F("output_tokens") + output_tokens,
-            cost_usd=F("cost_usd") + cost_usd,
+            input_tokens=F("input_tokens") + row["input_tokens"],
+            output_tokens=F("output_tokens") + row["output_tokens"],
+            cost_usd=F("cost_usd") + row["cost_usd"],
         )
 
 
