@@ -95,9 +95,14 @@ def _declared_seconds(
 
 def _too_long_message(seconds: float, max_seconds: float) -> str:
     return (
-        f"The recording is {seconds / 60:.0f} minutes long; the limit is "
-        f"{max_seconds / 60:.0f} minutes. Split it into shorter recordings."
+        f"The recording is {_clock(seconds)} long; the limit is {_clock(max_seconds)}. "
+        "Split it into shorter recordings."
     )
+
+
+def _clock(seconds: float) -> str:
+    whole = round(seconds)
+    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 def _reason(exc: BaseException) -> str:

@@ -1,5 +1,6 @@
 from django import forms
 from django.conf import settings
+from django.template.defaultfilters import filesizeformat
 
 from visits.errors import RecordingRejected
 from visits.services import RECORDING_EXTENSIONS, recording_check
@@ -19,9 +20,15 @@ class VisitUploadForm(forms.Form):
     def __init__(self, *args: object, too_large: bool = False, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
         self.too_large = too_large
+        if too_large:
+            # The upload was stopped part-way: the file is absent because it was too big, not
+            # because none was chosen, so say only the first.
+            self.fields["recording"].required = False
 
     def clean_recording(self) -> object:
         recording = self.cleaned_data["recording"]
+        if recording is None:
+            return recording
         try:
             recording_check(name=recording.name or "", size=recording.size or 0)
         except RecordingRejected as exc:
@@ -30,9 +37,10 @@ class VisitUploadForm(forms.Form):
 
     def clean(self) -> dict[str, object]:
         if self.too_large:
-            limit = settings.RECORDING_MAX_BYTES / 2**20
-            raise forms.ValidationError(
-                f"The file is larger than the {limit:.0f} MB limit. Split the recording and "
-                "upload the parts as separate visits."
+            limit = filesizeformat(settings.RECORDING_MAX_BYTES)
+            self.add_error(
+                "recording",
+                f"The file is larger than the {limit} limit. Split the recording and upload "
+                "the parts as separate visits.",
             )
         return super().clean()

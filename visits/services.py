@@ -9,6 +9,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.core.files import File
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
+from django.template.defaultfilters import filesizeformat
 
 from pipeline import dispatch, executor, store
 from visits.errors import SUPPORTED_FORMATS, RecordingRejected
@@ -30,8 +31,8 @@ def recording_check(*, name: str, size: int) -> None:
         )
     if size > settings.RECORDING_MAX_BYTES:
         raise RecordingRejected(
-            f"The file is {size / 2**20:.0f} MB; the limit is "
-            f"{settings.RECORDING_MAX_BYTES / 2**20:.0f} MB. Split the recording and upload "
+            f"The file is {filesizeformat(size)}; the limit is "
+            f"{filesizeformat(settings.RECORDING_MAX_BYTES)}. Split the recording and upload "
             "the parts as separate visits."
         )
 
