@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
@@ -129,6 +130,13 @@ class Attempt(models.Model):
     cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
     audio_seconds = models.FloatField(default=0.0)
     compute_seconds = models.FloatField(default=0.0)
+    # "Saved by resume": what this attempt did not have to spend because earlier work was
+    # reused (outputs of earlier stages, memoized LLM answers, transcribed chunks). Recorded
+    # only where a run from scratch would have paid again: retries and forked runs.
+    saved_input_tokens = models.PositiveIntegerField(default=0)
+    saved_output_tokens = models.PositiveIntegerField(default=0)
+    saved_cost_usd = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    saved_audio_seconds = models.FloatField(default=0.0)
 
     class Meta:
         ordering = ["stage_id", "number"]
@@ -188,3 +196,42 @@ class LLMCall(models.Model):
 
     def __str__(self) -> str:
         return f"{self.model} call {self.digest[:12]}"
+
+
+class OperatorAction(models.TextChoices):
+    RETRY = "retry", "Retry failed stage"
+    RUN_NOW = "run_now", "Run now"
+    RERUN = "rerun", "Re-run from stage"
+    CANCEL = "cancel", "Cancel"
+
+
+class AuditEntry(models.Model):
+    """Who did what to which run, when and why. Written once by the services, never edited."""
+
+    action = models.CharField(max_length=16, choices=OperatorAction.choices)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    # Operators on the command line have no user row; their OS login is kept instead.
+    actor_label = models.CharField(max_length=150)
+    run = models.ForeignKey(Run, on_delete=models.PROTECT, related_name="audit_entries")
+    new_run = models.ForeignKey(
+        Run, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    stage = models.CharField(max_length=64, blank=True)
+    reason = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        verbose_name_plural = "audit entries"
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(action__in=OperatorAction.values), name="pipeline_audit_action_valid"
+            ),
+            models.CheckConstraint(condition=~Q(reason=""), name="pipeline_audit_reason_given"),
+        ]
+        indexes = [models.Index(fields=["run", "-created_at"], name="pipeline_audit_run_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.get_action_display()} on run {self.run_id} by {self.actor_label}"
