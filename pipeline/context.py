@@ -74,8 +74,7 @@ class StageContext:
     def __init__(self, claim: store.Claim, heartbeat: Heartbeat) -> None:
         self.claim = claim
         self._heartbeat = heartbeat
-        self.audio_seconds = 0.0
-        self.compute_seconds = 0.0
+        self.usage = store.AttemptUsage()
 
     @property
     def run_id(self) -> int:

@@ -52,12 +52,8 @@ def _attempt_run(claim: store.Claim) -> int | None:
         try:
             output = spec.run(ctx)
             heartbeat.check()
-            next_id = store.attempt_complete(
-                claim,
-                output=output,
-                audio_seconds=ctx.audio_seconds,
-                compute_seconds=ctx.compute_seconds or time.monotonic() - started,
-            )
+            ctx.usage.compute_seconds = ctx.usage.compute_seconds or time.monotonic() - started
+            next_id = store.attempt_complete(claim, output=output, usage=ctx.usage)
         except LeaseLost:
             # Someone else owns the stage now (or it was cancelled): write nothing more.
             logger.warning(
@@ -98,12 +94,8 @@ def _attempt_failed(
         retryable=is_retryable(exc, non_retryable=spec.policy.non_retryable_errors),
         retry_after_seconds=exc.retry_after_seconds if isinstance(exc, TransientError) else None,
     )
-    stage = store.attempt_fail(
-        claim,
-        failure,
-        audio_seconds=ctx.audio_seconds,
-        compute_seconds=ctx.compute_seconds or elapsed,
-    )
+    ctx.usage.compute_seconds = ctx.usage.compute_seconds or elapsed
+    stage = store.attempt_fail(claim, failure, usage=ctx.usage)
     logger.warning(
         "run %s stage %s attempt %s failed (%s)%s",
         claim.run_id,

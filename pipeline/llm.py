@@ -167,6 +167,9 @@ class LLMGateway:
         found = store.llm_call_find(claim, digest=digest)
         if found is not None:
             logger.info("run %s %s: reused an answered LLM call", claim.run_id, claim.stage_name)
+            self._ctx.usage.saved_input_tokens += found.input_tokens
+            self._ctx.usage.saved_output_tokens += found.output_tokens
+            self._ctx.usage.saved_cost_usd += found.cost_usd
             return found.content
         self._ctx.heartbeat()
         budget = int(settings.LLM_RUN_TOKEN_BUDGET)

@@ -8,7 +8,7 @@ what makes a duplicate delivery, a zombie worker or a racing sweep harmless.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -48,6 +48,29 @@ class Claim:
     started_at: datetime
     deadline: datetime
     run_input: dict[str, Any]
+
+
+@dataclass
+class AttemptUsage:
+    """What an attempt spent, and what reuse spared it; accumulated while it runs."""
+
+    audio_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    saved_input_tokens: int = 0
+    saved_output_tokens: int = 0
+    saved_cost_usd: Decimal = field(default_factory=Decimal)
+    saved_audio_seconds: float = 0.0
+
+    def columns(self) -> dict[str, Any]:
+        """Attempt columns to add these amounts to (savings set at claim time are kept)."""
+        return {
+            "audio_seconds": self.audio_seconds,
+            "compute_seconds": self.compute_seconds,
+            "saved_input_tokens": F("saved_input_tokens") + self.saved_input_tokens,
+            "saved_output_tokens": F("saved_output_tokens") + self.saved_output_tokens,
+            "saved_cost_usd": F("saved_cost_usd") + self.saved_cost_usd,
+            "saved_audio_seconds": F("saved_audio_seconds") + self.saved_audio_seconds,
+        }
 
 
 @dataclass(frozen=True)
@@ -232,6 +255,11 @@ def stage_claim(*, stage_id: int, worker: str) -> Claim | None:
         attempt = Attempt.objects.create(
             stage_id=stage_id, number=number, worker=worker, started_at=now
         )
+        if number > 1 or (stage.run.forked_from_id and stage.name == stage.run.fork_stage):
+            # A run from scratch would produce the earlier stages again; this attempt reuses them.
+            Attempt.objects.filter(id=attempt.id).update(
+                **_cost_of_stages_before(stage.run_id, stage.position)
+            )
         Run.objects.filter(id=stage.run_id, status=RunStatus.QUEUED).update(
             status=RunStatus.RUNNING, started_at=now
         )
@@ -274,7 +302,7 @@ def stage_heartbeat(claim: Claim) -> None:
 
 
 def attempt_complete(
-    claim: Claim, *, output: dict[str, Any], audio_seconds: float, compute_seconds: float
+    claim: Claim, *, output: dict[str, Any], usage: AttemptUsage | None = None
 ) -> int | None:
     """Commit the output and `succeeded` together; open the next stage and return its id."""
     now = timezone.now()
@@ -293,10 +321,7 @@ def attempt_complete(
                 "its lease; its output was discarded"
             )
         Attempt.objects.filter(id=claim.attempt_id).update(
-            status=AttemptStatus.SUCCEEDED,
-            finished_at=now,
-            audio_seconds=audio_seconds,
-            compute_seconds=compute_seconds,
+            status=AttemptStatus.SUCCEEDED, finished_at=now, **(usage or AttemptUsage()).columns()
         )
         next_stage = (
             Stage.objects.filter(run_id=claim.run_id, position__gt=claim.position)
@@ -316,7 +341,7 @@ def attempt_complete(
 
 
 def attempt_fail(
-    claim: Claim, failure: Failure, *, audio_seconds: float = 0.0, compute_seconds: float = 0.0
+    claim: Claim, failure: Failure, *, usage: AttemptUsage | None = None
 ) -> Stage | None:
     """Record a failed attempt and schedule the next one, or give up. None if fenced out."""
     now = timezone.now()
@@ -339,8 +364,7 @@ def attempt_fail(
             error_code=failure.code[:64],
             error_message=failure.message,
             traceback=failure.traceback,
-            audio_seconds=audio_seconds,
-            compute_seconds=compute_seconds,
+            **(usage or AttemptUsage()).columns(),
         )
         _schedule_after_failure(stage, failure, now)
     return stage
@@ -511,6 +535,23 @@ def _llm_call_insert(claim: Claim, row: dict[str, Any]) -> None:
             output_tokens=F("output_tokens") + row["output_tokens"],
             cost_usd=F("cost_usd") + row["cost_usd"],
         )
+
+
+def _cost_of_stages_before(run_id: int, position: int) -> dict[str, Any]:
+    """What producing the outputs of a run's earlier stages cost (a fork's reused ones too)."""
+    earlier = Stage.objects.filter(run_id=run_id, position__lt=position).values_list(
+        "id", "reused_from_id"
+    )
+    producers = [reused_from or stage_id for stage_id, reused_from in earlier]
+    calls = LLMCall.objects.filter(stage_id__in=producers).aggregate(
+        saved_input_tokens=Coalesce(Sum("input_tokens"), 0),
+        saved_output_tokens=Coalesce(Sum("output_tokens"), 0),
+        saved_cost_usd=Coalesce(Sum("cost_usd"), Decimal(0)),
+    )
+    audio = Attempt.objects.filter(stage_id__in=producers).aggregate(
+        saved_audio_seconds=Coalesce(Sum("audio_seconds"), 0.0)
+    )
+    return {**calls, **audio}
 
 
 def run_tokens_spent(run_id: int) -> int:

@@ -51,19 +51,20 @@ def transcribe(ctx: StageContext) -> dict[str, object]:
         if key in done:
             chunk = done[key]
             reused += 1
+            ctx.usage.saved_audio_seconds += (end - start) / audio.SAMPLE_RATE
         else:
             chunk = transcription.transcribe_samples(
                 pcm[start:end], offset_seconds=start / audio.SAMPLE_RATE
             )
             ctx.checkpoint_save(key, chunk)
-            ctx.audio_seconds += (end - start) / audio.SAMPLE_RATE
+            ctx.usage.audio_seconds += (end - start) / audio.SAMPLE_RATE
         raw_segments.extend(chunk)
     transcript = Transcript(
         model=transcription.model_choice().name,
         duration_seconds=ctx.outputs["ingest"]["duration_seconds"],
         segments=[Segment(id=i, **segment) for i, segment in enumerate(raw_segments)],
     )
-    ctx.compute_seconds = time.monotonic() - started
+    ctx.usage.compute_seconds = time.monotonic() - started
     if transcript.word_count < MIN_SPEECH_WORDS:
         raise NoSpeechDetected(
             "No speech detected in the recording "

@@ -109,8 +109,8 @@ def test_a_zombie_cannot_overwrite_the_attempt_that_replaced_it():
     assert fresh.attempt_number == 2
 
     with pytest.raises(LeaseLost):
-        store.attempt_complete(zombie, output={"by": "zombie"}, audio_seconds=0, compute_seconds=0)
-    store.attempt_complete(fresh, output={"by": "fresh"}, audio_seconds=0, compute_seconds=0)
+        store.attempt_complete(zombie, output={"by": "zombie"})
+    store.attempt_complete(fresh, output={"by": "fresh"})
 
     stage.refresh_from_db()
     assert stage.output == {"by": "fresh"}
@@ -226,7 +226,7 @@ def test_cancel_fences_out_the_running_attempt():
     claim = store.stage_claim(stage_id=run.stages.get(name="first").id, worker="w")
     assert store.run_cancel(run=run, reason="duplicate upload")
     with pytest.raises(LeaseLost):
-        store.attempt_complete(claim, output={}, audio_seconds=0, compute_seconds=0)
+        store.attempt_complete(claim, output={})
     run.refresh_from_db()
     assert run.status == RunStatus.CANCELLED
     assert statuses(run) == [("first", "cancelled", 1), ("last", "cancelled", 0)]
