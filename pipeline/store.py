@@ -23,6 +23,7 @@ from pipeline.errors import AttemptTimedOut, LeaseLost
 from pipeline.models import (
     Attempt,
     AttemptStatus,
+    AuditEntry,
     Checkpoint,
     LLMCall,
     Run,
@@ -213,6 +214,26 @@ def stage_run_now(*, stage: Stage) -> bool:
         Stage.objects.filter(id=stage.id, status=StageStatus.READY).update(
             next_attempt_at=timezone.now(), enqueued_at=None
         )
+    )
+
+
+def audit_record(
+    *,
+    action: str,
+    operator: Any,
+    run: Run,
+    reason: str,
+    stage: str = "",
+    new_run: Run | None = None,
+) -> AuditEntry:
+    return AuditEntry.objects.create(
+        action=action,
+        actor=operator.user,
+        actor_label=operator.label,
+        run=run,
+        new_run=new_run,
+        stage=stage,
+        reason=reason,
     )
 
 

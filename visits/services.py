@@ -6,12 +6,22 @@ from pathlib import Path, PurePath
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
+from django.core.exceptions import PermissionDenied
 from django.core.files import File
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 from django.template.defaultfilters import filesizeformat
 
 from pipeline import dispatch, executor, store
+from pipeline.models import Run
+from pipeline.operations import (
+    OperationRefused,
+    Operator,
+    run_cancel_by,
+    run_rerun_from,
+    run_retry_failed,
+    run_run_now,
+)
 from visits.errors import SUPPORTED_FORMATS, RecordingRejected
 from visits.models import Visit
 from visits.stages import VISIT_WORKFLOW
@@ -80,3 +90,64 @@ def visit_start(*, visit: Visit, inline: bool = False) -> None:
         executor.run_execute_inline(run)
     else:
         dispatch.stage_enqueue([stage.id for stage in store.run_ready_stages(run.id)])
+
+
+# --- operating a visit's pipeline (admin actions and `reprocess`) ---------------------------
+
+REPROCESS_PERMISSION = "visits.reprocess_visit"
+
+
+def _operator(actor: AbstractBaseUser | None) -> Operator:
+    """Staff with the reprocess permission, or a shell operator (actor None)."""
+    if actor is None:
+        return Operator.command_line()
+    if not (actor.is_active and actor.is_staff and actor.has_perm(REPROCESS_PERMISSION)):
+        raise PermissionDenied("Retrying, re-running or cancelling needs the reprocess permission.")
+    return Operator.for_user(actor)
+
+
+def visit_retry(
+    *, visit: Visit, actor: AbstractBaseUser | None, reason: str, inline: bool = False
+) -> None:
+    """One more attempt at the failed stage of the visit's current run."""
+    run_retry_failed(
+        run=_current_run(visit), operator=_operator(actor), reason=reason, inline=inline
+    )
+
+
+def visit_run_now(*, visit: Visit, actor: AbstractBaseUser | None, reason: str) -> None:
+    run_run_now(run=_current_run(visit), operator=_operator(actor), reason=reason)
+
+
+def visit_rerun_from(
+    *,
+    visit: Visit,
+    stage: str,
+    actor: AbstractBaseUser | None,
+    reason: str,
+    inline: bool = False,
+) -> None:
+    """A new run from `stage`; it becomes the visit's current run, the old one stays readable
+    (its note is an earlier version)."""
+    operator = _operator(actor)
+    with transaction.atomic():
+        fork = run_rerun_from(
+            run=_current_run(visit),
+            stage_name=stage,
+            operator=operator,
+            reason=reason,
+            start=False,
+        )
+        visit.current_run = fork
+        visit.save(update_fields=["current_run"])
+    visit_start(visit=visit, inline=inline)
+
+
+def visit_cancel(*, visit: Visit, actor: AbstractBaseUser | None, reason: str) -> None:
+    run_cancel_by(run=_current_run(visit), operator=_operator(actor), reason=reason)
+
+
+def _current_run(visit: Visit) -> Run:
+    if visit.current_run is None:
+        raise OperationRefused(f"Visit {visit.pk} has no run.")
+    return visit.current_run

@@ -1,0 +1,209 @@
+"""Read-only admin for the engine's tables: every change goes through an audited action."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.html import format_html
+
+from pipeline.models import Attempt, AuditEntry, LLMCall, Run, Stage, StageStatus
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class ReadOnlyInline(admin.TabularInline):
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class StageStateFilter(admin.SimpleListFilter):
+    """The questions an on-call admin asks of stages."""
+
+    title = "state"
+    parameter_name = "state"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [
+            ("failed", "Failed (gave up)"),
+            ("retrying", "Retrying (waiting out a backoff)"),
+            ("stuck", "Stuck (lease expired, not yet swept)"),
+            ("running", "Running"),
+        ]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        return stage_state_filter(queryset, self.value(), prefix="")
+
+
+def stage_state_filter(queryset: QuerySet[Any], state: str | None, *, prefix: str) -> QuerySet[Any]:
+    """Keep rows whose stage (reached through `prefix`, e.g. 'current_run__stages__') is in
+    `state`; any other value leaves the queryset as it is."""
+    now = timezone.now()
+    conditions: dict[str, dict[str, Any]] = {
+        "failed": {"status": StageStatus.FAILED},
+        "retrying": {
+            "status": StageStatus.READY,
+            "attempt_count__gt": 0,
+            "next_attempt_at__gt": now,
+        },
+        "stuck": {"status": StageStatus.RUNNING, "lease_expires_at__lt": now},
+        "running": {"status": StageStatus.RUNNING},
+    }
+    if state not in conditions:
+        return queryset
+    return queryset.filter(
+        **{prefix + key: value for key, value in conditions[state].items()}
+    ).distinct()
+
+
+class AttemptInline(ReadOnlyInline):
+    model = Attempt
+    fields = [
+        "number",
+        "status",
+        "worker",
+        "started_at",
+        "duration",
+        "error_code",
+        "error_message",
+        "input_tokens",
+        "output_tokens",
+        "cost_usd",
+        "traceback",
+    ]
+    readonly_fields = fields
+
+    @admin.display(description="duration")
+    def duration(self, attempt: Attempt) -> str:
+        return attempt_duration(attempt)
+
+
+def attempt_duration(attempt: Attempt) -> str:
+    if attempt.finished_at is None:
+        return "—"
+    return f"{(attempt.finished_at - attempt.started_at).total_seconds():.2f} s"
+
+
+class StageInline(ReadOnlyInline):
+    model = Stage
+    fields = ["name", "status", "attempt_count", "next_attempt_at", "error_code", "reused_from"]
+    readonly_fields = fields
+
+
+@admin.register(Run)
+class RunAdmin(ReadOnlyAdmin):
+    list_display = [
+        "id",
+        "workflow",
+        "subject",
+        "status",
+        "forked_from",
+        "fork_stage",
+        "created_at",
+    ]
+    list_filter = ["status", "workflow", ("forked_from", admin.EmptyFieldListFilter), "created_at"]
+    search_fields = ["subject"]
+    date_hierarchy = "created_at"
+    list_select_related = ["forked_from"]
+    inlines = [StageInline]
+    readonly_fields = [f.name for f in Run._meta.fields]
+
+
+@admin.register(Stage)
+class StageAdmin(ReadOnlyAdmin):
+    list_display = [
+        "id",
+        "run",
+        "name",
+        "status",
+        "attempt_count",
+        "next_attempt_at",
+        "lease_expires_at",
+        "error_code",
+    ]
+    list_filter = [StageStateFilter, "status", "name", "error_code"]
+    list_select_related = ["run"]
+    search_fields = ["run__subject"]
+    inlines = [AttemptInline]
+    readonly_fields = [f.name for f in Stage._meta.fields]
+
+
+@admin.register(Attempt)
+class AttemptAdmin(ReadOnlyAdmin):
+    list_display = [
+        "id",
+        "stage_link",
+        "number",
+        "status",
+        "worker",
+        "started_at",
+        "duration",
+        "error_code",
+        "input_tokens",
+        "output_tokens",
+        "cost_usd",
+    ]
+    list_filter = ["status", "error_code", "stage__name", "started_at"]
+    list_select_related = ["stage"]
+    date_hierarchy = "started_at"
+    readonly_fields = [f.name for f in Attempt._meta.fields]
+
+    @admin.display(description="stage")
+    def stage_link(self, attempt: Attempt) -> str:
+        return format_html(
+            '<a href="../stage/{}/change/">{} of run {}</a>',
+            attempt.stage_id,
+            attempt.stage.name,
+            attempt.stage.run_id,
+        )
+
+    @admin.display(description="duration")
+    def duration(self, attempt: Attempt) -> str:
+        return attempt_duration(attempt)
+
+
+@admin.register(LLMCall)
+class LLMCallAdmin(ReadOnlyAdmin):
+    list_display = [
+        "id",
+        "model",
+        "stage",
+        "attempt",
+        "input_tokens",
+        "output_tokens",
+        "cost_usd",
+        "created_at",
+    ]
+    list_filter = ["model", "stage__name", "created_at"]
+    list_select_related = ["stage", "attempt", "attempt__stage"]
+    readonly_fields = [f.name for f in LLMCall._meta.fields]
+
+
+@admin.register(AuditEntry)
+class AuditEntryAdmin(ReadOnlyAdmin):
+    """The audit trail: readable by staff, editable by nobody."""
+
+    list_display = ["created_at", "action", "actor_label", "run", "new_run", "stage", "reason"]
+    list_filter = ["action", "created_at"]
+    search_fields = ["actor_label", "reason", "run__subject"]
+    list_select_related = ["run", "new_run"]
+    readonly_fields = [f.name for f in AuditEntry._meta.fields]

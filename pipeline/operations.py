@@ -1,0 +1,148 @@
+"""What an operator may do to a run: retry, run now, re-run from a stage, cancel.
+
+Each operation is audited (who, when, on what, why) in the same transaction as the change it
+makes. Deciding *who* may operate is the domain's job; this module records who did."""
+
+from __future__ import annotations
+
+import getpass
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import transaction
+
+from pipeline import dispatch, executor, store
+from pipeline.models import OperatorAction, Run, RunStatus, Stage, StageStatus
+from pipeline.workflow import workflow_get
+
+
+class OperationRefused(Exception):
+    """The operation makes no sense for this run in its current state; the message says why."""
+
+
+@dataclass(frozen=True)
+class Operator:
+    user: Any  # a user row, or None for a shell operator
+    label: str
+
+    @classmethod
+    def for_user(cls, user: Any) -> Operator:
+        return cls(user=user, label=user.get_username())
+
+    @classmethod
+    def command_line(cls) -> Operator:
+        return cls(user=None, label=f"cli:{getpass.getuser()}")
+
+
+def _reason(reason: str) -> str:
+    reason = reason.strip()
+    if not reason:
+        raise OperationRefused("Say why: a reason is required for the audit trail.")
+    return reason
+
+
+def _start(run: Run, *, inline: bool) -> None:
+    if inline:
+        executor.run_execute_inline(run)
+    else:
+        dispatch.stage_enqueue([stage.id for stage in store.run_ready_stages(run.id)])
+
+
+def run_retry_failed(*, run: Run, operator: Operator, reason: str, inline: bool = False) -> Stage:
+    """Same run, one more attempt at its failed stage; earlier outputs and answered LLM calls
+    are reused."""
+    reason = _reason(reason)
+    with transaction.atomic():
+        stage = store.run_retry(run=run)
+        if stage is None:
+            raise OperationRefused(
+                f"Run {run.pk} has no failed stage to retry (it is {run.status})."
+            )
+        store.audit_record(
+            action=OperatorAction.RETRY, operator=operator, run=run, stage=stage.name, reason=reason
+        )
+    _start(run, inline=inline)
+    return stage
+
+
+def run_run_now(*, run: Run, operator: Operator, reason: str) -> list[Stage]:
+    """Skip what is left of the backoff of every ready stage of the run."""
+    reason = _reason(reason)
+    with transaction.atomic():
+        waiting = [s for s in store.run_ready_stages(run.id) if store.stage_run_now(stage=s)]
+        if not waiting:
+            raise OperationRefused(f"Run {run.pk} has no stage waiting for a retry.")
+        store.audit_record(
+            action=OperatorAction.RUN_NOW,
+            operator=operator,
+            run=run,
+            stage=", ".join(s.name for s in waiting),
+            reason=reason,
+        )
+    dispatch.stage_enqueue([s.id for s in waiting])
+    return waiting
+
+
+def rerun_plan(run: Run, stage_name: str) -> tuple[list[str], list[str]]:
+    """(reused, rerun): the stage names a re-run from `stage_name` reuses and runs anew."""
+    names = workflow_get(run.workflow).stage_names
+    if stage_name not in names:
+        raise OperationRefused(
+            f"“{stage_name}” is not a stage of this workflow; choose one of {', '.join(names)}."
+        )
+    at = names.index(stage_name)
+    succeeded = set(run.stages.filter(status=StageStatus.SUCCEEDED).values_list("name", flat=True))
+    missing = [name for name in names[:at] if name not in succeeded]
+    if missing:
+        raise OperationRefused(
+            f"Cannot re-run run {run.pk} from {stage_name}: {missing[0]} has no output to reuse; "
+            f"re-run from {missing[0]} or earlier."
+        )
+    return names[:at], names[at:]
+
+
+def run_rerun_from(
+    *,
+    run: Run,
+    stage_name: str,
+    operator: Operator,
+    reason: str,
+    inline: bool = False,
+    start: bool = True,
+) -> Run:
+    """A new run forked from `run`: outputs before `stage_name` reused by reference, the rest
+    run anew. The old run and its outputs stay as they are. With start=False the caller starts
+    the new run (after pointing its subject at it, say)."""
+    reason = _reason(reason)
+    if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
+        raise OperationRefused(
+            f"Run {run.pk} is still {run.status}; cancel it or wait for it before re-running."
+        )
+    rerun_plan(run, stage_name)
+    with transaction.atomic():
+        fork = store.run_create(
+            workflow=workflow_get(run.workflow),
+            subject=run.subject,
+            input=run.input,
+            forked_from=run,
+            fork_stage=stage_name,
+        )
+        store.audit_record(
+            action=OperatorAction.RERUN,
+            operator=operator,
+            run=run,
+            new_run=fork,
+            stage=stage_name,
+            reason=reason,
+        )
+    if start:
+        _start(fork, inline=inline)
+    return fork
+
+
+def run_cancel_by(*, run: Run, operator: Operator, reason: str) -> None:
+    reason = _reason(reason)
+    with transaction.atomic():
+        if not store.run_cancel(run=run, reason=f"cancelled by {operator.label}: {reason}"):
+            raise OperationRefused(f"Run {run.pk} is already {run.status}; nothing to cancel.")
+        store.audit_record(action=OperatorAction.CANCEL, operator=operator, run=run, reason=reason)

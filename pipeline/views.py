@@ -1,0 +1,89 @@
+"""The operations dashboard: one page, staff only, reads only."""
+
+from __future__ import annotations
+
+from functools import wraps
+
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.shortcuts import render
+
+from pipeline import charts
+from pipeline.selectors import DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS, Dashboard, dashboard_get
+
+WINDOW_CHOICES = (1, 7, 30, 90)
+
+
+def staff_required(view):
+    """Anonymous users go to the login page; signed-in users who are not staff get a 403."""
+
+    @wraps(view)
+    @login_required
+    def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+        if not request.user.is_staff:
+            raise PermissionDenied("The operations dashboard is for staff.")
+        return view(request, *args, **kwargs)
+
+    return wrapper
+
+
+def parse_days(raw: str | None) -> int | None:
+    """The window in whole days from `?days=`: the default when absent, None when invalid."""
+    if raw is None or raw.strip() == "":
+        return DEFAULT_WINDOW_DAYS
+    raw = raw.strip()
+    if not raw.isdigit() or len(raw) > 4:
+        return None
+    days = int(raw)
+    return days if 1 <= days <= MAX_WINDOW_DAYS else None
+
+
+@staff_required
+def dashboard(request: HttpRequest) -> HttpResponse:
+    days = parse_days(request.GET.get("days"))
+    if days is None:
+        return HttpResponseBadRequest(
+            f"days must be a whole number from 1 to {MAX_WINDOW_DAYS}.",
+            content_type="text/plain; charset=utf-8",
+        )
+    board = dashboard_get(days=days)
+    return render(
+        request,
+        "pipeline/dashboard.html",
+        {"board": board, "charts": _charts(board), "window_choices": WINDOW_CHOICES},
+    )
+
+
+def _charts(board: Dashboard) -> dict[str, str]:
+    days = [row.label[5:] for row in board.spend_by_day]  # "MM-DD"
+    stages = [row.label for row in board.stages]
+    return {
+        "tokens_by_day": charts.bar_chart(
+            days,
+            [
+                charts.Series("input tokens", [r.input_tokens for r in board.spend_by_day]),
+                charts.Series("output tokens", [r.output_tokens for r in board.spend_by_day]),
+            ],
+            title="Tokens per day",
+        ),
+        "cost_by_day": charts.line_chart(
+            days,
+            [r.cost_usd for r in board.spend_by_day],
+            title="Dollars per day",
+            name="USD",
+            fmt=charts.dollars,
+            height=180,
+        ),
+        "attempts_by_stage": charts.bar_chart(
+            stages,
+            [
+                charts.Series("succeeded", [r.succeeded for r in board.stages]),
+                charts.Series("failed", [r.failed for r in board.stages]),
+                charts.Series("lost", [r.lost for r in board.stages]),
+            ],
+            title="Attempts by stage and outcome",
+            width=600,
+            height=240,
+        ),
+    }
