@@ -27,6 +27,10 @@ _MAX_X_LABELS = 10
 class Series:
     name: str
     values: Sequence[Number]
+    tone: str = ""  # a colour by meaning ("ok", "bad", "warn"); by position when empty
+
+    def css(self, index: int) -> str:
+        return f"series-{self.tone or index}"
 
 
 def compact(value: float) -> str:
@@ -83,10 +87,10 @@ def _frame(
     return parts
 
 
-def _figure(svg: list[str], names: Sequence[str], *, title: str, empty: bool) -> SafeString:
+def _figure(svg: list[str], series: Sequence[Series], *, title: str, empty: bool) -> SafeString:
     legend = "".join(
-        f'<span class="key"><i class="swatch series-{i}"></i>{escape(name)}</span>'
-        for i, name in enumerate(names)
+        f'<span class="key"><i class="swatch {s.css(i)}"></i>{escape(s.name)}</span>'
+        for i, s in enumerate(series)
     )
     note = '<span class="muted">no data in this window</span>' if empty else ""
     return mark_safe(  # noqa: S308 - every interpolated text above went through escape()
@@ -121,11 +125,11 @@ def bar_chart(
             h = plot_h * value / top
             base -= h
             svg.append(
-                f'<rect class="series-{k}" x="{x:.1f}" y="{base:.1f}" '
+                f'<rect class="{s.css(k)}" x="{x:.1f}" y="{base:.1f}" '
                 f'width="{bar:.1f}" height="{h:.1f}">'
                 f"<title>{escape(label)} · {escape(s.name)}: {escape(fmt(value))}</title></rect>"
             )
-    return _figure(svg, [s.name for s in series], title=title, empty=not any(totals))
+    return _figure(svg, series, title=title, empty=not any(totals))
 
 
 def line_chart(
@@ -155,4 +159,4 @@ def line_chart(
             f'<circle class="dot series-0" cx="{x:.1f}" cy="{y:.1f}" r="3">'
             f"<title>{escape(label)} · {escape(name)}: {escape(fmt(value))}</title></circle>"
         )
-    return _figure(svg, [name], title=title, empty=not any(floats))
+    return _figure(svg, [Series(name, floats)], title=title, empty=not any(floats))

@@ -90,6 +90,10 @@ def rerun_plan(run: Run, stage_name: str) -> tuple[list[str], list[str]]:
         raise OperationRefused(
             f"“{stage_name}” is not a stage of this workflow; choose one of {', '.join(names)}."
         )
+    if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
+        raise OperationRefused(
+            f"Run {run.pk} is still {run.status}; cancel it or wait for it before re-running."
+        )
     at = names.index(stage_name)
     succeeded = set(run.stages.filter(status=StageStatus.SUCCEEDED).values_list("name", flat=True))
     missing = [name for name in names[:at] if name not in succeeded]
@@ -114,10 +118,6 @@ def run_rerun_from(
     run anew. The old run and its outputs stay as they are. With start=False the caller starts
     the new run (after pointing its subject at it, say)."""
     reason = _reason(reason)
-    if run.status in (RunStatus.QUEUED, RunStatus.RUNNING):
-        raise OperationRefused(
-            f"Run {run.pk} is still {run.status}; cancel it or wait for it before re-running."
-        )
     rerun_plan(run, stage_name)
     with transaction.atomic():
         fork = store.run_create(

@@ -95,6 +95,10 @@ class StageActivity:
     saved_audio_seconds: float = 0.0
 
     @property
+    def audio_hours(self) -> float:
+        return self.audio_seconds / 3600
+
+    @property
     def saved_tokens(self) -> int:
         return self.saved_input_tokens + self.saved_output_tokens
 

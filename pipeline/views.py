@@ -78,9 +78,9 @@ def _charts(board: Dashboard) -> dict[str, str]:
         "attempts_by_stage": charts.bar_chart(
             stages,
             [
-                charts.Series("succeeded", [r.succeeded for r in board.stages]),
-                charts.Series("failed", [r.failed for r in board.stages]),
-                charts.Series("lost", [r.lost for r in board.stages]),
+                charts.Series("succeeded", [r.succeeded for r in board.stages], tone="ok"),
+                charts.Series("failed", [r.failed for r in board.stages], tone="bad"),
+                charts.Series("lost", [r.lost for r in board.stages], tone="warn"),
             ],
             title="Attempts by stage and outcome",
             width=600,
