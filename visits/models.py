@@ -45,3 +45,22 @@ class Visit(models.Model):
 
 def visit_subject(visit_id: int) -> str:
     return f"visit:{visit_id}"
+
+
+class NoteSignature(models.Model):
+    """A clinician's signature on one version of a visit's note (the note of one run).
+
+    A re-run never touches it: it makes a new run, so a new, unsigned version."""
+
+    visit = models.ForeignKey(Visit, on_delete=models.PROTECT, related_name="signatures")
+    run = models.OneToOneField(Run, on_delete=models.PROTECT, related_name="+")
+    signed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+"
+    )
+    signed_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-signed_at"]
+
+    def __str__(self) -> str:
+        return f"note of run {self.run_id} signed by {self.signed_by_id}"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -11,7 +13,7 @@ from django.db.models import Prefetch, QuerySet, Sum
 from django.db.models.functions import Coalesce
 
 from pipeline.models import Attempt, LLMCall, Stage, StageStatus
-from visits.models import Visit
+from visits.models import NoteSignature, Visit
 from visits.schemas import Transcript
 from visits.stages import transcript_load
 
@@ -131,3 +133,59 @@ def visit_status_document(visit: Visit) -> dict[str, Any]:
         "note": note["note"] if note else None,
         "engine": (note or summary or {}).get("engine"),
     }
+
+
+@dataclass(frozen=True)
+class NoteVersion:
+    run_id: int
+    created_at: Any
+    engine: str
+    note: dict[str, Any]
+    signed_by: str | None
+    is_current: bool
+
+    def lines(self) -> list[str]:
+        """The note as text lines, for reading and for comparing versions."""
+        return note_lines(self.note)
+
+
+def note_lines(note: dict[str, Any]) -> list[str]:
+    lines = []
+    for section, items in note["soap"].items():
+        lines.append(f"{section.upper()}")
+        lines.extend(f"  - {item['text']}" for item in items)
+    lines.append("PATIENT SUMMARY")
+    lines.extend(f"  - {item['text']}" for item in note["patient_summary"])
+    return lines
+
+
+def visit_note_versions(visit: Visit) -> list[NoteVersion]:
+    """Every note the visit's runs produced, oldest first, with who signed which."""
+    stages = (
+        Stage.objects.filter(run__subject=visit.subject, name="note", status=StageStatus.SUCCEEDED)
+        .select_related("run")
+        .order_by("run__created_at", "run_id")
+    )
+    signed = dict(
+        NoteSignature.objects.filter(visit=visit).values_list("run_id", "signed_by__username")
+    )
+    return [
+        NoteVersion(
+            run_id=stage.run_id,
+            created_at=stage.run.created_at,
+            engine=stage.output.get("engine", ""),
+            note=stage.output["note"],
+            signed_by=signed.get(stage.run_id),
+            is_current=stage.run_id == visit.current_run_id,
+        )
+        for stage in stages
+    ]
+
+
+def note_diff(older: NoteVersion, newer: NoteVersion) -> list[tuple[str, str]]:
+    """Line-by-line difference: ('-', line) removed, ('+', line) added, (' ', line) kept."""
+    return [
+        (line[0], line[2:])
+        for line in difflib.ndiff(older.lines(), newer.lines())
+        if line[0] in "-+ "
+    ]

@@ -13,7 +13,7 @@ from django.db import transaction
 from django.template.defaultfilters import filesizeformat
 
 from pipeline import dispatch, executor, store
-from pipeline.models import Run
+from pipeline.models import Run, Stage, StageStatus
 from pipeline.operations import (
     OperationRefused,
     Operator,
@@ -23,7 +23,7 @@ from pipeline.operations import (
     run_run_now,
 )
 from visits.errors import SUPPORTED_FORMATS, RecordingRejected
-from visits.models import Visit
+from visits.models import NoteSignature, Visit
 from visits.stages import VISIT_WORKFLOW
 
 RECORDING_EXTENSIONS = frozenset(
@@ -151,3 +151,20 @@ def _current_run(visit: Visit) -> Run:
     if visit.current_run is None:
         raise OperationRefused(f"Visit {visit.pk} has no run.")
     return visit.current_run
+
+
+def note_sign(*, visit: Visit, run_id: int, clinician: AbstractBaseUser) -> NoteSignature:
+    """The visit's clinician signs the note of one of its runs; it is then final."""
+    if visit.clinician_id != clinician.pk:
+        raise PermissionDenied("Only the visit's clinician can sign its note.")
+    note = Stage.objects.filter(
+        run_id=run_id, run__subject=visit.subject, name="note", status=StageStatus.SUCCEEDED
+    ).first()
+    if note is None:
+        raise OperationRefused("That run has no finished note to sign.")
+    signature, created = NoteSignature.objects.get_or_create(
+        run_id=run_id, defaults={"visit": visit, "signed_by": clinician}
+    )
+    if not created:
+        raise OperationRefused("This version of the note is already signed.")
+    return signature

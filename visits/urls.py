@@ -9,4 +9,5 @@ urlpatterns = [
     path("visits/new/", views.visit_upload, name="upload"),
     path("visits/<int:visit_id>/", views.visit_detail, name="detail"),
     path("visits/<int:visit_id>/recording/", views.visit_recording, name="recording"),
+    path("visits/<int:visit_id>/sign/", views.note_sign_view, name="sign"),
 ]

@@ -5,20 +5,25 @@ from __future__ import annotations
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.http import FileResponse, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
-from django.views.decorators.http import require_GET, require_http_methods
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from pipeline.operations import OperationRefused
 from visits.errors import RecordingRejected
 from visits.forms import VisitUploadForm
 from visits.selectors import (
+    NoteVersion,
+    note_diff,
+    visit_note_versions,
     visit_stages,
     visit_status_document,
     visits_of_clinician,
     visits_visible_to,
 )
-from visits.services import visit_create, visit_start
+from visits.services import note_sign, visit_create, visit_start
 from visits.uploads import RecordingSizeLimit
 
 
@@ -64,13 +69,45 @@ def _visit_upload(request: HttpRequest, limit: RecordingSizeLimit) -> HttpRespon
 def visit_detail(request: HttpRequest, visit_id: int) -> HttpResponse:
     visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
     document = visit_status_document(visit)
+    versions = visit_note_versions(visit)
     context = {
         "visit": visit,
         "doc": document,
         "stages": visit_stages(visit),
         "live": document["status"] in ("queued", "running"),
+        "versions": versions,
+        "current_signature": next(
+            (v.signed_by for v in versions if v.is_current and v.signed_by), None
+        ),
+        "can_sign": visit.clinician_id == request.user.pk,
+        **_comparison(request, versions),
     }
     return render(request, "visits/detail.html", context)
+
+
+def _comparison(request: HttpRequest, versions: list[NoteVersion]) -> dict[str, object]:
+    """?compare=RUN&to=RUN picks two note versions; anything else compares nothing."""
+    by_run = {str(version.run_id): version for version in versions}
+    older, newer = by_run.get(request.GET.get("compare", "")), by_run.get(request.GET.get("to", ""))
+    if older is None or newer is None:
+        return {}
+    return {"diff": note_diff(older, newer), "diff_from": older, "diff_to": newer}
+
+
+@login_required
+@require_POST
+def note_sign_view(request: HttpRequest, visit_id: int) -> HttpResponse:
+    visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+    try:
+        run_id = int(request.POST.get("run", ""))
+        note_sign(visit=visit, run_id=run_id, clinician=request.user)
+    except ValueError:
+        messages.error(request, "Choose a version of the note to sign.")
+    except (OperationRefused, PermissionDenied) as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, "Note signed. A later re-run makes a new, unsigned version.")
+    return redirect("visits:detail", visit_id=visit.pk)
 
 
 @login_required
