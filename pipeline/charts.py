@@ -42,7 +42,9 @@ def compact(value: float) -> str:
 
 
 def dollars(value: float) -> str:
-    return f"${value:,.2f}" if abs(value) >= 1 or value == 0 else f"${value:.4f}"
+    if value == 0:
+        return "$0"
+    return f"${value:,.2f}" if abs(value) >= 1 else f"${value:.4f}"
 
 
 def nice_ceiling(value: float) -> float:

@@ -83,7 +83,6 @@ def _charts(board: Dashboard) -> dict[str, str]:
                 charts.Series("lost", [r.lost for r in board.stages], tone="warn"),
             ],
             title="Attempts by stage and outcome",
-            width=600,
-            height=240,
+            height=200,
         ),
     }

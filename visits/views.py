@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import PurePath
+
 from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -115,8 +117,11 @@ def note_sign_view(request: HttpRequest, visit_id: int) -> HttpResponse:
 def visit_recording(request: HttpRequest, visit_id: int) -> FileResponse:
     """The recording, to its clinician and permitted staff only; never cached by proxies."""
     visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+    extension = PurePath(visit.recording.name).suffix
     response = FileResponse(
-        visit.recording.open("rb"), as_attachment=False, filename=f"visit-{visit.pk}-recording"
+        visit.recording.open("rb"),
+        as_attachment=False,
+        filename=f"visit-{visit.pk}-recording{extension}",
     )
     response["Cache-Control"] = "private, no-store"
     return response

@@ -46,6 +46,6 @@ class Command(BaseCommand):
             visit = visit_create(clinician=clinician, recording=sample, label="Sample visit")
             visit_start(visit=visit)
             self.stdout.write(f"Queued the sample visit #{visit.pk} for the worker cluster.")
-        self.stdout.write(self.style.SUCCESS("Log in at http://127.0.0.1:8000/ with:"))
+        self.stdout.write(self.style.SUCCESS("Log in with:"))
         for username, password, role in credentials:
             self.stdout.write(f"  {role:<14} user {username:<6} password {password}")
