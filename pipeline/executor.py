@@ -19,7 +19,7 @@ from django.utils import timezone
 from pipeline import dispatch, store
 from pipeline.context import Heartbeat, StageContext
 from pipeline.errors import LeaseLost, TransientError, error_code, is_retryable
-from pipeline.models import Run, RunStatus, Stage, StageStatus
+from pipeline.models import Run, RunStatus, StageStatus
 from pipeline.workflow import workflow_get
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def _attempt_run(claim: store.Claim) -> int | None:
             output = spec.run(ctx)
             heartbeat.check()
             ctx.usage.compute_seconds = ctx.usage.compute_seconds or time.monotonic() - started
-            next_id = store.attempt_complete(claim, output=output, usage=ctx.usage)
+            next_stage = store.attempt_complete(claim, output=output, usage=ctx.usage)
         except LeaseLost:
             # Someone else owns the stage now (or it was cancelled): write nothing more.
             logger.warning(
@@ -74,12 +74,11 @@ def _attempt_run(claim: store.Claim) -> int | None:
         claim.attempt_number,
         time.monotonic() - started,
     )
-    if next_id is None:
+    if next_stage is None:
         return None
-    next_spec = workflow_get(claim.workflow).stage(_stage_name(next_id))
-    if next_spec.queue == spec.queue:
-        return next_id
-    dispatch.stage_enqueue([next_id])
+    if workflow_get(claim.workflow).stage(next_stage.name).queue == spec.queue:
+        return next_stage.id
+    dispatch.stage_enqueue([next_stage.id])
     return None
 
 
@@ -113,10 +112,6 @@ def _attempt_failed(
         return None
     time.sleep(max(0.0, wait))
     return stage.id
-
-
-def _stage_name(stage_id: int) -> str:
-    return Stage.objects.values_list("name", flat=True).get(id=stage_id)
 
 
 def run_execute_inline(run: Run, *, worker: str | None = None) -> Run:

@@ -324,8 +324,8 @@ def stage_heartbeat(claim: Claim) -> None:
 
 def attempt_complete(
     claim: Claim, *, output: dict[str, Any], usage: AttemptUsage | None = None
-) -> int | None:
-    """Commit the output and `succeeded` together; open the next stage and return its id."""
+) -> Stage | None:
+    """Commit the output and `succeeded` together; open the next stage and return it."""
     now = timezone.now()
     with transaction.atomic():
         if not _held(claim, now).update(
@@ -348,6 +348,7 @@ def attempt_complete(
             Stage.objects.filter(run_id=claim.run_id, position__gt=claim.position)
             .exclude(status=StageStatus.SUCCEEDED)
             .order_by("position")
+            .only("id", "name")
             .first()
         )
         if next_stage is None:
@@ -358,7 +359,7 @@ def attempt_complete(
         Stage.objects.filter(id=next_stage.id, status=StageStatus.PENDING).update(
             status=StageStatus.READY, next_attempt_at=now, enqueued_at=None
         )
-        return next_stage.id
+        return next_stage
 
 
 def attempt_fail(
