@@ -163,7 +163,11 @@ PIPELINE_RETRY_INTERVAL_SCALE = env_float("PIPELINE_RETRY_INTERVAL_SCALE", 1.0)
 # --- django-q2: a transport only; the engine owns retries (DESIGN.md) ------------------------
 Q_BROKER = env_str("Q_BROKER", "orm")
 Q_CLUSTER = {
-    "name": env_str("Q_CLUSTER_NAME", "visit-pipeline"),
+    # The site's name: django-q2 signs messages with it, so every cluster of the site shares
+    # it. Q_CLUSTER_NAME (read by django-q2 itself) picks the queue a cluster serves instead,
+    # e.g. Q_CLUSTER_NAME=transcribe on dedicated transcription hosts.
+    "name": env_str("Q_SITE_NAME", "visit-pipeline"),
+    "ALT_CLUSTERS": {},
     "workers": env_int("Q_WORKERS", 2),
     "recycle": 500,
     # Never let django-q2 retry behind the engine's back: one delivery, failures acked.
@@ -192,6 +196,8 @@ WHISPER_MODEL = env_str("WHISPER_MODEL", "")
 WHISPER_DEVICE = env_str("WHISPER_DEVICE", "cpu")
 WHISPER_COMPUTE_TYPE = env_str("WHISPER_COMPUTE_TYPE", "int8")
 WHISPER_BEAM_SIZE = env_int("WHISPER_BEAM_SIZE", 5)
+# 0 = automatic: in a cluster worker, the cores divided among the workers (each worker loads
+# its own model, so library defaults would oversubscribe them); elsewhere, the library default.
 WHISPER_CPU_THREADS = env_int("WHISPER_CPU_THREADS", 0)
 TRANSCRIBE_CHUNK_SECONDS = env_float("TRANSCRIBE_CHUNK_SECONDS", 120.0)
 

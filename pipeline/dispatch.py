@@ -47,9 +47,10 @@ def stage_enqueue(stage_ids: list[int]) -> None:
             options: dict[str, object] = {
                 "task_name": f"run-{stage.run_id}-{stage.name}-{stage.attempt_count + 1}",
                 "timeout": task_timeout_seconds(workflow, stage.name),
+                # Name the queue even for the default one: a worker on another queue (say,
+                # transcription hosts) must send the next stage home, not to its own queue.
+                "cluster": spec.queue or settings.Q_CLUSTER["name"],
             }
-            if spec.queue:
-                options["cluster"] = spec.queue
             async_task(TASK_STAGE_EXECUTE, stage.id, q_options=options)
 
     transaction.on_commit(send)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -43,8 +45,17 @@ def whisper_model() -> WhisperModel:
         choice.path,
         device=settings.WHISPER_DEVICE,
         compute_type=settings.WHISPER_COMPUTE_TYPE,
-        cpu_threads=settings.WHISPER_CPU_THREADS,
+        cpu_threads=cpu_threads(),
     )
+
+
+def cpu_threads() -> int:
+    if settings.WHISPER_CPU_THREADS:
+        return settings.WHISPER_CPU_THREADS
+    if multiprocessing.parent_process() is None:
+        return 0  # a command or a web process: the library's default
+    workers = max(1, int(settings.Q_CLUSTER.get("workers", 1)))
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def transcribe_options() -> dict[str, object]:

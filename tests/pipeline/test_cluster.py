@@ -5,6 +5,7 @@ sweeps and reads the database."""
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,8 +33,8 @@ def clusters(tmp_path: Path, settings) -> Iterator[list[Cluster]]:
         cluster.kill()  # a graceful django-q2 shutdown takes ~15 s and proves nothing here
 
 
-def start_cluster(clusters: list[Cluster], tmp_path: Path) -> Cluster:
-    cluster = Cluster(tmp_path / f"cluster-{len(clusters)}.log").start()
+def start_cluster(clusters: list[Cluster], tmp_path: Path, **env: str) -> Cluster:
+    cluster = Cluster(tmp_path / f"cluster-{len(clusters)}.log", **env).start()
     clusters.append(cluster)
     return cluster
 
@@ -63,9 +64,35 @@ def test_cluster_processes_a_visit(clusters, tmp_path, clinician):
         ("note", 1, "succeeded"),
     ]
     # The work happened in the cluster's worker processes, not in this one.
-    assert all(not a.worker.endswith(f":{__import__('os').getpid()}") for a in attempts)
+    assert all(not a.worker.endswith(f":{os.getpid()}") for a in attempts)
     transcript = stage(visit, "transcribe").output
     assert transcript["words"] > 10
+
+
+def test_transcription_routed_to_its_own_queue_runs_there_and_comes_back(
+    clusters, tmp_path, clinician
+):
+    """Dedicated transcription hosts: ingest and the LLM stages stay on the main cluster."""
+    main = start_cluster(clusters, tmp_path, TRANSCRIBE_QUEUE="transcribe")
+    hosts = start_cluster(
+        clusters, tmp_path, TRANSCRIBE_QUEUE="transcribe", Q_CLUSTER_NAME="transcribe"
+    )
+    visit = visit_create(clinician=clinician, recording=SHORT_VISIT)
+    visit_start(visit=visit)
+
+    wait_for(lambda: run_status(visit) in FINAL, timeout=120, what="the run to finish")
+
+    assert run_status(visit) == RunStatus.SUCCEEDED, main.log() + hosts.log()
+    ran_on = {
+        attempt.stage.name: os.getpgid(int(attempt.worker.rsplit(":", 1)[1]))
+        for attempt in Attempt.objects.filter(stage__run=visit.current_run).select_related("stage")
+    }
+    assert ran_on == {
+        "ingest": main.process.pid,
+        "transcribe": hosts.process.pid,
+        "summarize": main.process.pid,
+        "note": main.process.pid,
+    }
 
 
 def test_killed_cluster_is_recovered_by_the_sweep_and_resumes_from_its_last_chunk(
