@@ -119,7 +119,7 @@ class StageContext:
 
     @property
     def attempt_dir(self) -> Path:
-        return storage_root() / artifact_prefix(self.claim)
+        return attempt_dir(self.claim.run_id, self.claim.stage_name, self.claim.attempt_number)
 
     @contextmanager
     def artifact_writer(self, name: str, mode: str = "wb") -> Iterator[IO[Any]]:
@@ -136,19 +136,31 @@ class StageContext:
 
     def artifact_ref(self, name: str) -> str:
         """The storage-relative reference kept in the stage output."""
-        return f"{artifact_prefix(self.claim)}/{name}"
+        claim = self.claim
+        return f"{artifact_prefix(claim.run_id, claim.stage_name, claim.attempt_number)}/{name}"
 
     def discard_artifacts(self) -> None:
         """A failed attempt leaves nothing behind."""
-        shutil.rmtree(self.attempt_dir, ignore_errors=True)
+        claim = self.claim
+        attempt_artifacts_discard(claim.run_id, claim.stage_name, claim.attempt_number)
 
 
 def storage_root() -> Path:
     return Path(settings.PRIVATE_STORAGE_ROOT)
 
 
-def artifact_prefix(claim: store.Claim) -> str:
-    return f"runs/{claim.run_id}/{claim.stage_name}/attempt-{claim.attempt_number}"
+def artifact_prefix(run_id: int, stage_name: str, attempt_number: int) -> str:
+    return f"runs/{run_id}/{stage_name}/attempt-{attempt_number}"
+
+
+def attempt_dir(run_id: int, stage_name: str, attempt_number: int) -> Path:
+    return storage_root() / artifact_prefix(run_id, stage_name, attempt_number)
+
+
+def attempt_artifacts_discard(run_id: int, stage_name: str, attempt_number: int) -> None:
+    """Remove what an attempt wrote. For a worker killed mid-write, the sweep does this: the
+    worker never got to. A worker that was only frozen finds its folder gone or is fenced out."""
+    shutil.rmtree(attempt_dir(run_id, stage_name, attempt_number), ignore_errors=True)
 
 
 def artifact_path(ref: str) -> Path:

@@ -16,7 +16,7 @@ import traceback
 from django.conf import settings
 from django.utils import timezone
 
-from pipeline import dispatch, store
+from pipeline import dispatch, recovery, store
 from pipeline.context import Heartbeat, StageContext
 from pipeline.errors import LeaseLost, TransientError, error_code, is_retryable
 from pipeline.models import Run, RunStatus, StageStatus
@@ -124,7 +124,7 @@ def run_execute_inline(run: Run, *, worker: str | None = None) -> Run:
         ready = store.run_ready_stages(run.id)
         if not ready:
             # A stage is running elsewhere (or its lease must expire first): wait for it.
-            store.stages_reap_expired()
+            recovery.leases_reap()
             time.sleep(0.2)
             continue
         stage = ready[0]

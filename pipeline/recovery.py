@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from pipeline import dispatch, store
+from pipeline.context import attempt_artifacts_discard
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +22,16 @@ class SweepResult:
     enqueued: int
 
 
-def sweep() -> SweepResult:
+def leases_reap() -> list[store.Reaped]:
+    """Take back stages whose worker stopped heartbeating, and remove what it half-wrote."""
     reaped = store.stages_reap_expired()
+    for lost in reaped:
+        attempt_artifacts_discard(lost.run_id, lost.stage_name, lost.attempt_number)
+    return reaped
+
+
+def sweep() -> SweepResult:
+    reaped = leases_reap()
     # A message older than this is presumed lost (its worker may have died holding it).
     requeue_after = max(float(settings.PIPELINE_LEASE_SECONDS), 2 * settings.PIPELINE_SWEEP_SECONDS)
     due = store.stages_due(requeue_after_seconds=requeue_after)

@@ -426,11 +426,22 @@ def _schedule_after_failure(stage: Stage, failure: Failure, now: datetime) -> No
 # --- recovery -------------------------------------------------------------------------------
 
 
-def stages_reap_expired() -> list[int]:
+@dataclass(frozen=True)
+class Reaped:
+    """A stage taken back from a worker whose lease expired, and the attempt it lost."""
+
+    stage_id: int
+    run_id: int
+    stage_name: str
+    attempt_number: int
+    ready: bool  # retried; False if its policy gave up
+
+
+def stages_reap_expired() -> list[Reaped]:
     """Take back every running stage whose lease expired: its attempt is marked lost and the
-    stage is retried (or failed) by its policy. Returns the ids of stages made ready."""
+    stage is retried (or failed) by its policy."""
     now = timezone.now()
-    made_ready: list[int] = []
+    reaped: list[Reaped] = []
     expired = Stage.objects.filter(status=StageStatus.RUNNING, lease_expires_at__lt=now)
     for stage_id in expired.values_list("id", flat=True):
         with transaction.atomic():
@@ -464,9 +475,16 @@ def stages_reap_expired() -> list[int]:
                     error_message=failure.message,
                 )
             _schedule_after_failure(stage, failure, now)
-            if stage.status == StageStatus.READY:
-                made_ready.append(stage.id)
-    return made_ready
+            reaped.append(
+                Reaped(
+                    stage_id=stage.id,
+                    run_id=stage.run_id,
+                    stage_name=stage.name,
+                    attempt_number=stage.attempt_count,
+                    ready=stage.status == StageStatus.READY,
+                )
+            )
+    return reaped
 
 
 def stages_due(*, requeue_after_seconds: float) -> list[Stage]:

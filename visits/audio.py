@@ -106,9 +106,10 @@ def _clock(seconds: float) -> str:
 
 
 def _reason(exc: BaseException) -> str:
+    """The decoder's own words where it has them; never a Python class name for a clinician."""
     if isinstance(exc, av.FFmpegError) and exc.strerror:
         return exc.strerror.lower()
-    return type(exc).__name__
+    return "not a recognizable audio file"
 
 
 def pcm_load(path: Path) -> np.ndarray:

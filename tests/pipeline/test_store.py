@@ -102,7 +102,7 @@ def test_a_zombie_cannot_overwrite_the_attempt_that_replaced_it():
     zombie = store.stage_claim(stage_id=stage.id, worker="zombie")
     Stage.objects.filter(id=stage.id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
 
-    assert store.stages_reap_expired() == [stage.id]
+    assert [lost.stage_id for lost in store.stages_reap_expired()] == [stage.id]
     with pytest.raises(LeaseLost):
         store.stage_heartbeat(zombie)
     fresh = store.stage_claim(stage_id=stage.id, worker="fresh")
