@@ -75,6 +75,13 @@ def stage_state_filter(queryset: QuerySet[Any], state: str | None, *, prefix: st
     ).distinct()
 
 
+@admin.display(description="duration")
+def attempt_duration(self: Any, attempt: Attempt) -> str:
+    if attempt.finished_at is None:
+        return "—"
+    return f"{(attempt.finished_at - attempt.started_at).total_seconds():.2f} s"
+
+
 class AttemptInline(ReadOnlyInline):
     model = Attempt
     fields = [
@@ -92,15 +99,7 @@ class AttemptInline(ReadOnlyInline):
     ]
     readonly_fields = fields
 
-    @admin.display(description="duration")
-    def duration(self, attempt: Attempt) -> str:
-        return attempt_duration(attempt)
-
-
-def attempt_duration(attempt: Attempt) -> str:
-    if attempt.finished_at is None:
-        return "—"
-    return f"{(attempt.finished_at - attempt.started_at).total_seconds():.2f} s"
+    duration = attempt_duration
 
 
 class StageInline(ReadOnlyInline):
@@ -176,9 +175,7 @@ class AttemptAdmin(ReadOnlyAdmin):
             attempt.stage.run_id,
         )
 
-    @admin.display(description="duration")
-    def duration(self, attempt: Attempt) -> str:
-        return attempt_duration(attempt)
+    duration = attempt_duration
 
 
 @admin.register(LLMCall)

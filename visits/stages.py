@@ -118,6 +118,16 @@ def note(ctx: StageContext) -> dict[str, object]:
     return {"engine": _engine_label(), "note": result.model_dump(mode="json")}
 
 
+# Provider outages come in minutes, so the LLM stages are patient: six attempts, backing off
+# from 2 s to at most 2 min (about 4 min in all) before an admin is needed.
+LLM_STAGE_POLICY = RetryPolicy(
+    initial_interval_seconds=2,
+    backoff_coefficient=2,
+    maximum_interval_seconds=120,
+    maximum_attempts=6,
+    start_to_close_timeout_seconds=600,
+)
+
 VISIT_WORKFLOW = Workflow(
     name="visit",
     stages=(
@@ -146,25 +156,13 @@ VISIT_WORKFLOW = Workflow(
             name="summarize",
             title="Summarize",
             run=summarize,
-            policy=RetryPolicy(
-                initial_interval_seconds=2,
-                backoff_coefficient=2,
-                maximum_interval_seconds=120,
-                maximum_attempts=6,
-                start_to_close_timeout_seconds=600,
-            ),
+            policy=LLM_STAGE_POLICY,
         ),
         StageSpec(
             name="note",
             title="Write note",
             run=note,
-            policy=RetryPolicy(
-                initial_interval_seconds=2,
-                backoff_coefficient=2,
-                maximum_interval_seconds=120,
-                maximum_attempts=6,
-                start_to_close_timeout_seconds=600,
-            ),
+            policy=LLM_STAGE_POLICY,
         ),
     ),
 )

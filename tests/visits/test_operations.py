@@ -247,3 +247,18 @@ def test_admin_lists_render_1000_visits_in_a_bounded_number_of_queries(
     with django_assert_max_num_queries(20):
         response = admin_client.get(reverse("admin:visits_visit_changelist") + "?state=failed")
     assert b"unreadable_recording" in response.content
+
+
+def test_a_stage_page_lists_every_attempt_with_worker_duration_error_and_traceback(
+    admin_client, clinician, llm_server
+):
+    visit = failed_at_note(clinician, llm_server)
+    note = Stage.objects.get(run=visit.current_run, name="note")
+    page = admin_client.get(reverse("admin:pipeline_stage_change", args=[note.pk]))
+    text = page.content.decode()
+    attempt = note.attempts.get()
+    assert page.status_code == 200
+    assert attempt.worker in text
+    assert "llm_http_401" in text
+    assert "Traceback (most recent call last)" in text
+    assert f"{(attempt.finished_at - attempt.started_at).total_seconds():.2f} s" in text
