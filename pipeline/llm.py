@@ -108,7 +108,13 @@ class LLMGateway:
         offline: Callable[[], T],
         check: Callable[[T], None] | None = None,
     ) -> T:
-        """Ask for an `output_type`; validate it (schema, then `check`); repair once.
+        """Ask for an `output_type`; validate it (schema, then `check`); ask for a repair.
+
+        Each attempt may send one repair request beyond those earlier attempts already sent: a
+        first attempt repairs once, and a retry of a stage that failed with `output_invalid`
+        goes on from the last recorded answer instead of failing again on the memoized ones.
+        No answered request is ever sent again, because every repair carries the answers
+        before it and so is a new request.
 
         `offline` builds the answer without a model when none is configured. `check` raises
         ValueError for an answer that parses but is wrong (e.g. cites unknown evidence)."""
@@ -116,27 +122,27 @@ class LLMGateway:
             return self._offline(output_type, offline, messages)
         model = settings.LLM_MODEL
         response_format = type_to_response_format_param(output_type)
-        content = self._call(model, messages, response_format)
-        problem = _problem(content, output_type, check)
-        if problem is None:
-            return output_type.model_validate_json(content)
-        repair = [
-            *messages,
-            {"role": "assistant", "content": content},
-            {
-                "role": "user",
-                "content": "Your answer was not valid: "
-                f"{problem}. Answer again with only JSON that satisfies the schema.",
-            },
-        ]
-        content = self._call(model, repair, response_format)
-        problem = _problem(content, output_type, check)
-        if problem is not None:
-            raise OutputInvalid(
-                f"the model's {output_type.__name__} was invalid twice (after one repair "
-                f"request): {problem}"
-            )
-        return output_type.model_validate_json(content)
+        repairs_allowed = self._ctx.attempt_number
+        for repairs in range(repairs_allowed + 1):
+            content = self._call(model, messages, response_format)
+            problem = _problem(content, output_type, check)
+            if problem is None:
+                return output_type.model_validate_json(content)
+            if repairs == repairs_allowed:
+                break
+            messages = [
+                *messages,
+                {"role": "assistant", "content": content},
+                {
+                    "role": "user",
+                    "content": "Your answer was not valid: "
+                    f"{problem}. Answer again with only JSON that satisfies the schema.",
+                },
+            ]
+        raise OutputInvalid(
+            f"the model's {output_type.__name__} was still invalid after {repairs_allowed} "
+            f"repair request(s): {problem}; retry the stage to ask for one more repair"
+        )
 
     def _offline(
         self, output_type: type[T], offline: Callable[[], T], messages: list[dict[str, Any]]

@@ -22,7 +22,7 @@ from tests.fakes.llm_server import FakeLLMServer, default_content
 from visits import offline
 from visits.models import Visit
 from visits.selectors import visit_status_document
-from visits.services import visit_create, visit_start
+from visits.services import visit_create, visit_retry, visit_start
 
 # Real commits: the heartbeat thread uses its own connection and must see the stage rows.
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -334,7 +334,7 @@ def test_malformed_json_twice_fails_permanently(clinician, llm_server):
     assert summarize.attempt_count == 1
     assert summarize.error_code == "output_invalid"
     assert summarize.error_message.startswith(
-        "the model's ClinicalSummary was invalid twice (after one repair request): "
+        "the model's ClinicalSummary was still invalid after 1 repair request(s): "
         "it does not match the ClinicalSummary schema"
     )
     (attempt,) = attempts_of(visit, "summarize")
@@ -344,6 +344,27 @@ def test_malformed_json_twice_fails_permanently(clinician, llm_server):
     assert llm_server.answered_sent_again() == []
     assert stage_of(visit, "note").status == StageStatus.PENDING
     assert visit_status_document(visit)["note"] is None
+    assert_usage_matches_billing(visit, llm_server)
+
+
+def test_retrying_an_invalid_output_asks_for_one_more_repair_and_resends_nothing(
+    clinician, llm_server
+):
+    """An admin's retry after `output_invalid` makes progress instead of failing again on the
+    two memoized invalid answers: it sends one new repair request, and only that."""
+    llm_server.script("malformed", "malformed")
+    visit = run_visit(clinician)
+    assert stage_of(visit, "summarize").error_code == "output_invalid"
+
+    visit_retry(visit=visit, actor=None, reason="model had a bad night", inline=True)
+
+    visit.refresh_from_db()
+    assert visit.current_run.status == RunStatus.SUCCEEDED
+    assert [a.status for a in attempts_of(visit, "summarize")] == ["failed", "succeeded"]
+    # Third summarize request = second repair (carries both bad answers), then the note.
+    assert faults(llm_server) == ["malformed", "malformed", "ok", "ok"]
+    assert len({r.digest for r in llm_server.requests}) == 4
+    assert llm_server.answered_sent_again() == []
     assert_usage_matches_billing(visit, llm_server)
 
 
@@ -394,9 +415,9 @@ def test_a_summary_that_keeps_citing_an_unknown_segment_fails(clinician, llm_ser
     assert summarize.error_code == "output_invalid"
     segments = len(visit_status_document(visit)["transcript"]["segments"])
     assert summarize.error_message == (
-        "the model's ClinicalSummary was invalid twice (after one repair request): "
+        "the model's ClinicalSummary was still invalid after 1 repair request(s): "
         "it cites transcript segment ids [999] that do not exist "
-        f"(valid ids are 0..{segments - 1})"
+        f"(valid ids are 0..{segments - 1}); retry the stage to ask for one more repair"
     )
     # The first answer and its repair: two different requests, nothing re-sent.
     assert faults(llm_server) == ["ok", "ok"]
