@@ -14,7 +14,6 @@ import numpy as np
 from visits.errors import SUPPORTED_FORMATS, EmptyRecording, RecordingTooLong, UnreadableRecording
 
 SAMPLE_RATE = 16_000
-BYTES_PER_SAMPLE = 2
 # A file that decodes to less than this share of the length its header declares was cut short.
 _TRUNCATION_TOLERANCE = 0.9
 
