@@ -23,6 +23,9 @@ class ReadOnlyAdmin(admin.ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
+        return [field.name for field in self.model._meta.fields]
+
 
 class ReadOnlyInline(admin.TabularInline):
     extra = 0
@@ -124,7 +127,6 @@ class RunAdmin(ReadOnlyAdmin):
     date_hierarchy = "created_at"
     list_select_related = ["forked_from"]
     inlines = [StageInline]
-    readonly_fields = [f.name for f in Run._meta.fields]
 
 
 @admin.register(Stage)
@@ -143,7 +145,6 @@ class StageAdmin(ReadOnlyAdmin):
     list_select_related = ["run"]
     search_fields = ["run__subject"]
     inlines = [AttemptInline]
-    readonly_fields = [f.name for f in Stage._meta.fields]
 
 
 @admin.register(Attempt)
@@ -164,7 +165,6 @@ class AttemptAdmin(ReadOnlyAdmin):
     list_filter = ["status", "error_code", "stage__name", "started_at"]
     list_select_related = ["stage"]
     date_hierarchy = "started_at"
-    readonly_fields = [f.name for f in Attempt._meta.fields]
 
     @admin.display(description="stage")
     def stage_link(self, attempt: Attempt) -> str:
@@ -192,7 +192,6 @@ class LLMCallAdmin(ReadOnlyAdmin):
     ]
     list_filter = ["model", "stage__name", "created_at"]
     list_select_related = ["stage", "attempt", "attempt__stage"]
-    readonly_fields = [f.name for f in LLMCall._meta.fields]
 
 
 @admin.register(AuditEntry)
@@ -203,4 +202,3 @@ class AuditEntryAdmin(ReadOnlyAdmin):
     list_filter = ["action", "created_at"]
     search_fields = ["actor_label", "reason", "run__subject"]
     list_select_related = ["run", "new_run"]
-    readonly_fields = [f.name for f in AuditEntry._meta.fields]
