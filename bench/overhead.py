@@ -37,12 +37,17 @@ from common import (
     wait_for,
     workdir,
 )
+from pydantic import BaseModel
 
 NAME = "overhead"
 
 
-def noop(ctx: object) -> dict[str, object]:
-    return {}
+class Empty(BaseModel):
+    pass
+
+
+def noop(ctx: object) -> Empty:
+    return Empty()
 
 
 def overhead_per_stage(stages: int, reps: int) -> tuple[float, float]:
@@ -54,7 +59,9 @@ def overhead_per_stage(stages: int, reps: int) -> tuple[float, float]:
     workflow = Workflow(
         name="bench-noop",
         stages=tuple(
-            StageSpec(name=f"s{i:03d}", run=noop, policy=RetryPolicy(maximum_attempts=1))
+            StageSpec(
+                name=f"s{i:03d}", run=noop, output=Empty, policy=RetryPolicy(maximum_attempts=1)
+            )
             for i in range(stages)
         ),
     )

@@ -12,8 +12,8 @@ Failures:
 * summarize: the provider refuses the key once (HTTP 401, permanent);
 * summarize, after an answer: the first answer is malformed and the repair request gets a 401;
 * note: summarize is answered, then the note request gets a 401.
-Then `pipeline.store.run_retry` and `run_execute_inline`: tokens the server billed during the
-retry and its wall seconds, against a full re-run of the visit from scratch.
+Then `pipeline.store.stage_reopen_failed` and `run_execute_inline`: tokens the server billed
+during the retry and its wall seconds, against a full re-run of the visit from scratch.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def main() -> None:
         env = env_for(tmp, server.base_url)
         django_setup(env)
         migrate()
-        from pipeline import executor, store
+        from pipeline import executor, recovery, store
         from pipeline.context import artifact_path
         from pipeline.models import Checkpoint, Run, Stage
         from visits.services import visit_create
@@ -140,7 +140,7 @@ def main() -> None:
 
         def retry(run: Run) -> tuple[float, int, Run]:
             def action() -> Run:
-                store.run_retry(run=run)
+                store.stage_reopen_failed(run=run)
                 return drive(run)
 
             since = len(server.requests)
@@ -179,7 +179,7 @@ def main() -> None:
         killed_at = time.perf_counter()
         kept = Checkpoint.objects.filter(stage__run=run, stage__name="transcribe").count()
         # The lease must expire before anyone may take the stage back (2 s here).
-        wait_for(lambda: store.stages_reap_expired() or None, timeout=30, poll=0.2)
+        wait_for(lambda: recovery.leases_reap() or None, timeout=30, poll=0.2)
         waited = time.perf_counter() - killed_at
         since = len(server.requests)
         seconds, spent, run = timed(lambda: drive(run))

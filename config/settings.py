@@ -160,7 +160,7 @@ PIPELINE_INLINE_RETRY_MAX_SECONDS = env_float("PIPELINE_INLINE_RETRY_MAX_SECONDS
 # so that backoffs are exercised for real without waiting minutes.
 PIPELINE_RETRY_INTERVAL_SCALE = env_float("PIPELINE_RETRY_INTERVAL_SCALE", 1.0)
 
-# --- django-q2: a transport only; the engine owns retries (DESIGN.md) ------------------------
+# --- django-q2: a transport only; the engine owns retries -----------------------------------
 Q_BROKER = env_str("Q_BROKER", "orm")
 Q_CLUSTER = {
     # The site's name: django-q2 signs messages with it, so every cluster of the site shares

@@ -7,10 +7,11 @@ from typing import Any
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
-from django.utils import timezone
+from django.urls import reverse
 from django.utils.html import format_html
 
-from pipeline.models import Attempt, AuditEntry, LLMCall, Run, Stage, StageStatus
+from pipeline.models import Attempt, AuditEntry, LLMCall, Run, Stage
+from pipeline.selectors import STAGE_STATES, filter_stage_state
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -40,42 +41,26 @@ class ReadOnlyInline(admin.TabularInline):
 
 
 class StageStateFilter(admin.SimpleListFilter):
-    """The questions an on-call admin asks of stages."""
+    """The questions an on-call admin asks of stages. A domain admin whose rows point at a run
+    subclasses it with the path to that run's stages as `prefix`."""
 
     title = "state"
     parameter_name = "state"
+    prefix = ""
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [
-            ("failed", "Failed (gave up)"),
-            ("retrying", "Retrying (waiting out a backoff)"),
-            ("stuck", "Stuck (lease expired, not yet swept)"),
-            ("running", "Running"),
-        ]
+        return list(STAGE_STATES.items())
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
-        return stage_state_filter(queryset, self.value(), prefix="")
+        return filter_stage_state(queryset, self.value(), prefix=self.prefix)
 
 
-def stage_state_filter(queryset: QuerySet[Any], state: str | None, *, prefix: str) -> QuerySet[Any]:
-    """Keep rows whose stage (reached through `prefix`, e.g. 'current_run__stages__') is in
-    `state`; any other value leaves the queryset as it is."""
-    now = timezone.now()
-    conditions: dict[str, dict[str, Any]] = {
-        "failed": {"status": StageStatus.FAILED},
-        "retrying": {
-            "status": StageStatus.READY,
-            "attempt_count__gt": 0,
-            "next_attempt_at__gt": now,
-        },
-        "stuck": {"status": StageStatus.RUNNING, "lease_expires_at__lt": now},
-        "running": {"status": StageStatus.RUNNING},
-    }
-    if state not in conditions:
-        return queryset
-    return queryset.filter(
-        **{prefix + key: value for key, value in conditions[state].items()}
-    ).distinct()
+def run_admin_link(run_id: int | None) -> str:
+    """A link to a run's admin page, for any admin that shows runs."""
+    if run_id is None:
+        return ""
+    url = reverse("admin:pipeline_run_change", args=[run_id])
+    return format_html('<a href="{}">run {}</a>', url, run_id)
 
 
 @admin.display(description="duration")
@@ -107,7 +92,15 @@ class AttemptInline(ReadOnlyInline):
 
 class StageInline(ReadOnlyInline):
     model = Stage
-    fields = ["name", "status", "attempt_count", "next_attempt_at", "error_code", "reused_from"]
+    fields = [
+        "name",
+        "status",
+        "failure_kind",
+        "attempt_count",
+        "next_attempt_at",
+        "error_code",
+        "reused_from",
+    ]
     readonly_fields = fields
 
 
@@ -136,12 +129,13 @@ class StageAdmin(ReadOnlyAdmin):
         "run",
         "name",
         "status",
+        "failure_kind",
         "attempt_count",
         "next_attempt_at",
         "lease_expires_at",
         "error_code",
     ]
-    list_filter = [StageStateFilter, "status", "name", "error_code"]
+    list_filter = [StageStateFilter, "status", "failure_kind", "name", "error_code"]
     list_select_related = ["run"]
     search_fields = ["run__subject"]
     inlines = [AttemptInline]
@@ -169,8 +163,8 @@ class AttemptAdmin(ReadOnlyAdmin):
     @admin.display(description="stage")
     def stage_link(self, attempt: Attempt) -> str:
         return format_html(
-            '<a href="../stage/{}/change/">{} of run {}</a>',
-            attempt.stage_id,
+            '<a href="{}">{} of run {}</a>',
+            reverse("admin:pipeline_stage_change", args=[attempt.stage_id]),
             attempt.stage.name,
             attempt.stage.run_id,
         )

@@ -60,3 +60,19 @@ def check_queue_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.
             )
         )
     return errors
+
+
+@checks.register()
+def check_stage_outputs(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    return [
+        checks.Error(
+            f"Stage {stage.name!r} of workflow {workflow.name!r} declares no output model.",
+            hint="Give its StageSpec output=<a pydantic model>: the engine validates what the "
+            "stage returns against it, and readers get that model back.",
+            obj=f"{workflow.name}.{stage.name}",
+            id="pipeline.E005",
+        )
+        for workflow in workflows_all()
+        for stage in workflow.stages
+        if stage.output is None
+    ]

@@ -16,6 +16,7 @@ from django.db import DatabaseError, connection
 
 from pipeline import store
 from pipeline.errors import LeaseLost, PipelineError
+from pipeline.workflow import OutputT, workflow_get
 
 if TYPE_CHECKING:
     from pipeline.llm import LLMGateway
@@ -93,9 +94,16 @@ class StageContext:
         return self.claim.run_input
 
     @cached_property
-    def outputs(self) -> dict[str, Any]:
-        """Outputs of earlier stages, as committed (a fork's reused outputs included)."""
+    def _earlier_outputs(self) -> dict[str, Any]:
         return store.stage_outputs(self.claim.run_id, before_position=self.claim.position)
+
+    def output(self, stage_name: str, as_type: type[OutputT]) -> OutputT:
+        """The committed output of an earlier stage (a fork's reused one included), as the
+        model that stage declares."""
+        if stage_name not in self._earlier_outputs:
+            raise KeyError(f"stage {stage_name!r} has no committed output before this one")
+        spec = workflow_get(self.claim.workflow).stage(stage_name)
+        return spec.output_load(self._earlier_outputs[stage_name], as_type)
 
     @cached_property
     def llm(self) -> LLMGateway:

@@ -8,8 +8,7 @@ from django.db import transaction
 from django_q.tasks import async_task
 
 from pipeline import store
-from pipeline.models import Stage
-from pipeline.workflow import StageSpec, Workflow, workflow_get
+from pipeline.workflow import Workflow, workflow_get
 
 TASK_STAGE_EXECUTE = "pipeline.tasks.stage_execute"
 
@@ -23,22 +22,17 @@ def task_timeout_seconds(workflow: Workflow, stage_name: str) -> int:
     for spec in workflow.stages[names.index(stage_name) :]:
         if spec.queue != first.queue:
             break
-        total += _stage_budget_seconds(spec)
+        total += spec.policy.worst_case_seconds(
+            inline_wait_seconds=float(settings.PIPELINE_INLINE_RETRY_MAX_SECONDS)
+        )
     return int(total) + 60
-
-
-def _stage_budget_seconds(spec: StageSpec) -> float:
-    attempts = spec.policy.maximum_attempts
-    inline_waits = (attempts - 1) * float(settings.PIPELINE_INLINE_RETRY_MAX_SECONDS)
-    return spec.policy.start_to_close_timeout_seconds * attempts + inline_waits
 
 
 def stage_enqueue(stage_ids: list[int]) -> None:
     """Send a wake-up message per stage once the current transaction commits."""
-    stages = list(Stage.objects.filter(id__in=stage_ids).select_related("run"))
+    stages = store.stages_mark_enqueued(stage_ids)
     if not stages:
         return
-    store.stages_mark_enqueued([stage.id for stage in stages])
 
     def send() -> None:
         for stage in stages:

@@ -1,9 +1,13 @@
-"""Every error the engine reasons about, and the one function that decides what is retried.
+"""The application's one error hierarchy. Every error has a stable `code`, kept on attempts
+and shown to people beside its message.
 
-Transient errors are worth another attempt after a backoff; permanent errors fail the stage at
-once with a message that says what to fix. Anything else a stage raises is a bug: it is treated
-as transient (the attempt is retried within its policy) so that a crash in our own code does
-not silently drop a visit, and its traceback is kept on the attempt.
+- `TransientError`: worth another attempt after a backoff (timeouts, rate limits, 5xx).
+- `PermanentError`: retrying cannot help; the stage fails at once with a message that says
+  what to fix. Domains subclass it for their own (an unreadable recording, no speech).
+- `OperationRefused`: an operator's or user's request that makes no sense in the current
+  state (retry a run with nothing failed, sign a note twice); nothing was changed.
+
+Whether an error is retried is decided in `pipeline.policy`.
 """
 
 from __future__ import annotations
@@ -68,15 +72,18 @@ class BudgetExceeded(PermanentError):
     code = "budget_exceeded"
 
 
-def is_retryable(
-    exc: BaseException, *, non_retryable: tuple[type[BaseException], ...] = ()
-) -> bool:
-    """Whether an attempt that raised `exc` may be tried again (within its policy)."""
-    if isinstance(exc, (*non_retryable, PermanentError)):
-        return False
-    # Unknown exceptions are bugs or environment hiccups; the policy's attempt limit bounds them.
-    return isinstance(exc, Exception)
+class StageOutputInvalid(PermanentError):
+    """A stage returned something that is not its declared output model: a bug in the stage."""
+
+    code = "stage_output_invalid"
+
+
+class OperationRefused(PipelineError):
+    """The operation makes no sense in the current state; the message says why."""
+
+    code = "operation_refused"
 
 
 def error_code(exc: BaseException) -> str:
+    """The stable code of an error: ours carry one, anything else is named by its type."""
     return exc.code if isinstance(exc, PipelineError) else type(exc).__name__

@@ -11,15 +11,15 @@ import logging
 import os
 import socket
 import time
-import traceback
 
 from django.conf import settings
 from django.utils import timezone
 
-from pipeline import dispatch, recovery, store
+from pipeline import dispatch, policy, recovery, store
 from pipeline.context import Heartbeat, StageContext
-from pipeline.errors import LeaseLost, TransientError, error_code, is_retryable
-from pipeline.models import Run, RunStatus, StageStatus
+from pipeline.errors import LeaseLost
+from pipeline.models import Run
+from pipeline.states import FINAL_RUN_STATUSES, StageStatus
 from pipeline.workflow import workflow_get
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def _attempt_run(claim: store.Claim) -> int | None:
     with Heartbeat(claim) as heartbeat:
         ctx = StageContext(claim, heartbeat)
         try:
-            output = spec.run(ctx)
+            output = spec.output_dump(spec.run(ctx))
             heartbeat.check()
             ctx.usage.compute_seconds = ctx.usage.compute_seconds or time.monotonic() - started
             next_stage = store.attempt_complete(claim, output=output, usage=ctx.usage)
@@ -85,16 +85,16 @@ def _attempt_run(claim: store.Claim) -> int | None:
 def _attempt_failed(
     claim: store.Claim, ctx: StageContext, exc: Exception, *, elapsed: float
 ) -> int | None:
-    spec = workflow_get(claim.workflow).stage(claim.stage_name)
-    failure = store.Failure(
-        code=error_code(exc),
-        message=str(exc) or type(exc).__name__,
-        traceback="".join(traceback.format_exception(exc)),
-        retryable=is_retryable(exc, non_retryable=spec.policy.non_retryable_errors),
-        retry_after_seconds=exc.retry_after_seconds if isinstance(exc, TransientError) else None,
+    stage_policy = workflow_get(claim.workflow).stage(claim.stage_name).policy
+    failure = policy.failure_from_exception(exc, stage_policy)
+    decision = policy.retry_decision(
+        stage_policy,
+        failure,
+        attempts_made=claim.attempt_number,
+        interval_scale=settings.PIPELINE_RETRY_INTERVAL_SCALE,
     )
     ctx.usage.compute_seconds = ctx.usage.compute_seconds or elapsed
-    stage = store.attempt_fail(claim, failure, usage=ctx.usage)
+    stage = store.attempt_fail(claim, failure, decision, usage=ctx.usage)
     logger.warning(
         "run %s stage %s attempt %s failed (%s)%s",
         claim.run_id,
@@ -119,7 +119,7 @@ def run_execute_inline(run: Run, *, worker: str | None = None) -> Run:
     worker = worker or worker_name()
     while True:
         run.refresh_from_db()
-        if run.status in (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED):
+        if run.status in FINAL_RUN_STATUSES:
             return run
         ready = store.run_ready_stages(run.id)
         if not ready:

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline import prices, store
 from pipeline.errors import BudgetExceeded, OutputInvalid, PermanentError, TransientError
+from pipeline.selectors import usage_totals
 
 if TYPE_CHECKING:
     from pipeline.context import StageContext
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
 OFFLINE_MODEL = "offline-engine"
 
-# HTTP statuses worth another try (DESIGN.md point 5); every other error status is permanent.
+# HTTP statuses worth another try besides 5xx; every other error status is permanent.
 _TRANSIENT_STATUSES = frozenset({408, 409, 429})
 
 
@@ -179,7 +180,7 @@ class LLMGateway:
             return found.content
         self._ctx.heartbeat()
         budget = int(settings.LLM_RUN_TOKEN_BUDGET)
-        spent = store.run_tokens_spent(claim.run_id)
+        spent = usage_totals(run_ids=[claim.run_id], ledger_only=True).total_tokens
         if spent >= budget:
             raise BudgetExceeded(
                 f"this run has used {spent} LLM tokens, its budget is {budget} "

@@ -1,4 +1,4 @@
-"""The engine's tables. Every read and write of them goes through `pipeline.store`."""
+"""The engine's tables. `pipeline.store` writes them; `pipeline.selectors` is how others read."""
 
 from __future__ import annotations
 
@@ -8,30 +8,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
-
-class RunStatus(models.TextChoices):
-    QUEUED = "queued", "Queued"
-    RUNNING = "running", "Running"
-    SUCCEEDED = "succeeded", "Succeeded"
-    FAILED = "failed", "Failed"
-    CANCELLED = "cancelled", "Cancelled"
-
-
-class StageStatus(models.TextChoices):
-    PENDING = "pending", "Pending"  # waiting for the stages before it
-    READY = "ready", "Ready"  # may be claimed from next_attempt_at on (a retry waits here)
-    RUNNING = "running", "Running"  # claimed: a worker holds the lease
-    SUCCEEDED = "succeeded", "Succeeded"
-    FAILED = "failed", "Failed"  # gave up: permanent error or attempts exhausted
-    CANCELLED = "cancelled", "Cancelled"
-
-
-class AttemptStatus(models.TextChoices):
-    RUNNING = "running", "Running"
-    SUCCEEDED = "succeeded", "Succeeded"
-    FAILED = "failed", "Failed"
-    LOST = "lost", "Lost (lease expired)"  # the worker died or stopped heartbeating
-    CANCELLED = "cancelled", "Cancelled"
+from pipeline.states import AttemptStatus, FailureKind, RunStatus, StageStatus
 
 
 def _status_check(name: str, choices: type[models.TextChoices]) -> models.CheckConstraint:
@@ -86,6 +63,8 @@ class Stage(models.Model):
     )
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
+    # Set exactly when the stage is failed: a permanent error, or attempts exhausted.
+    failure_kind = models.CharField(max_length=16, choices=FailureKind.choices, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -100,6 +79,11 @@ class Stage(models.Model):
             models.CheckConstraint(
                 condition=~Q(status=StageStatus.RUNNING) | Q(lease_expires_at__isnull=False),
                 name="pipeline_stage_running_has_lease",
+            ),
+            models.CheckConstraint(
+                condition=(Q(status=StageStatus.FAILED) & Q(failure_kind__in=FailureKind.values))
+                | (~Q(status=StageStatus.FAILED) & Q(failure_kind="")),
+                name="pipeline_stage_failed_has_kind",
             ),
         ]
         indexes = [

@@ -12,12 +12,11 @@ from typing import Any
 from django.db import transaction
 
 from pipeline import dispatch, executor, store
-from pipeline.models import OperatorAction, Run, RunStatus, Stage, StageStatus
+from pipeline.errors import OperationRefused
+from pipeline.models import OperatorAction, Run, Stage
+from pipeline.selectors import run_failed_stage
+from pipeline.states import RunStatus, StageStatus
 from pipeline.workflow import workflow_get
-
-
-class OperationRefused(Exception):
-    """The operation makes no sense for this run in its current state; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ def run_retry_failed(*, run: Run, operator: Operator, reason: str, inline: bool 
     are reused."""
     reason = _reason(reason)
     with transaction.atomic():
-        stage = store.run_retry(run=run)
+        stage = store.stage_reopen_failed(run=run)
         if stage is None:
             raise OperationRefused(
                 f"Run {run.pk} has no failed stage to retry (it is {run.status})."
@@ -65,11 +64,11 @@ def run_retry_failed(*, run: Run, operator: Operator, reason: str, inline: bool 
     return stage
 
 
-def run_run_now(*, run: Run, operator: Operator, reason: str) -> list[Stage]:
-    """Skip what is left of the backoff of every ready stage of the run."""
+def run_skip_backoff(*, run: Run, operator: Operator, reason: str) -> list[Stage]:
+    """Run now: skip what is left of the backoff of every ready stage of the run."""
     reason = _reason(reason)
     with transaction.atomic():
-        waiting = [s for s in store.run_ready_stages(run.id) if store.stage_run_now(stage=s)]
+        waiting = [s for s in store.run_ready_stages(run.id) if store.stage_skip_backoff(stage=s)]
         if not waiting:
             raise OperationRefused(f"Run {run.pk} has no stage waiting for a retry.")
         store.audit_record(
@@ -83,7 +82,16 @@ def run_run_now(*, run: Run, operator: Operator, reason: str) -> list[Stage]:
     return waiting
 
 
-def rerun_plan(run: Run, stage_name: str) -> tuple[list[str], list[str]]:
+def run_retry_plan(run: Run) -> tuple[list[str], list[str]]:
+    """(reused, rerun): the stage names a retry of the run's failed stage reuses and runs."""
+    names = workflow_get(run.workflow).stage_names
+    failed = run_failed_stage(run)
+    if failed is None:
+        raise OperationRefused(f"nothing to retry: run {run.pk} is {run.status}")
+    return names[: failed.position], names[failed.position :]
+
+
+def run_rerun_plan(run: Run, stage_name: str) -> tuple[list[str], list[str]]:
     """(reused, rerun): the stage names a re-run from `stage_name` reuses and runs anew."""
     names = workflow_get(run.workflow).stage_names
     if stage_name not in names:
@@ -118,7 +126,7 @@ def run_rerun_from(
     run anew. The old run and its outputs stay as they are. With start=False the caller starts
     the new run (after pointing its subject at it, say)."""
     reason = _reason(reason)
-    rerun_plan(run, stage_name)
+    run_rerun_plan(run, stage_name)
     with transaction.atomic():
         fork = store.run_create(
             workflow=workflow_get(run.workflow),
@@ -140,9 +148,9 @@ def run_rerun_from(
     return fork
 
 
-def run_cancel_by(*, run: Run, operator: Operator, reason: str) -> None:
+def run_cancel(*, run: Run, operator: Operator, reason: str) -> None:
     reason = _reason(reason)
     with transaction.atomic():
-        if not store.run_cancel(run=run, reason=f"cancelled by {operator.label}: {reason}"):
+        if not store.run_mark_cancelled(run=run, reason=f"cancelled by {operator.label}: {reason}"):
             raise OperationRefused(f"Run {run.pk} is already {run.status}; nothing to cancel.")
         store.audit_record(action=OperatorAction.CANCEL, operator=operator, run=run, reason=reason)

@@ -1,9 +1,20 @@
-"""Retry policies, in the shape Temporal made familiar."""
+"""Every retry decision, as pure functions of a stage's policy, an error and an attempt count.
+
+Whether an error is worth another attempt, how long to wait first, when to give up and how
+long an attempt may hold its lease are decided here and nowhere else. The store records what
+these functions decide; nothing here touches the database, so each rule is unit-tested alone.
+The shape of `RetryPolicy` is the one Temporal made familiar.
+"""
 
 from __future__ import annotations
 
 import random
+import traceback
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from pipeline.errors import AttemptTimedOut, LeaseLost, PermanentError, TransientError, error_code
+from pipeline.states import FailureKind
 
 
 @dataclass(frozen=True)
@@ -11,8 +22,9 @@ class RetryPolicy:
     """How often, and how patiently, a stage is tried.
 
     The delay before attempt n+1 is initial * coefficient**(n-1), capped at the maximum, then
-    spread by +/- jitter (a fraction) so that a backlog does not retry in lockstep.
-    """
+    spread by +/- jitter (a fraction) so that a backlog does not retry in lockstep. Errors
+    whose code is in `non_retryable_error_codes` fail the stage at once, as do every
+    `PermanentError`."""
 
     initial_interval_seconds: float = 1.0
     backoff_coefficient: float = 2.0
@@ -20,7 +32,7 @@ class RetryPolicy:
     maximum_attempts: int = 5
     jitter: float = 0.2
     start_to_close_timeout_seconds: float = 600.0
-    non_retryable_errors: tuple[type[BaseException], ...] = field(default=())
+    non_retryable_error_codes: tuple[str, ...] = field(default=())
 
     def __post_init__(self) -> None:
         if self.maximum_attempts < 1:
@@ -41,3 +53,116 @@ class RetryPolicy:
         if self.jitter:
             base *= 1 + (rng or random).uniform(-self.jitter, self.jitter)
         return max(0.0, base)
+
+    def worst_case_seconds(self, *, inline_wait_seconds: float) -> float:
+        """The longest one worker may spend on this stage: every attempt to its timeout, and
+        the backoffs it waits out in place between them."""
+        waits = (self.maximum_attempts - 1) * inline_wait_seconds
+        return self.start_to_close_timeout_seconds * self.maximum_attempts + waits
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How an attempt ended badly, classified."""
+
+    code: str
+    message: str
+    traceback: str
+    retryable: bool
+    retry_after_seconds: float | None = None
+    # A lost worker is not an overloaded provider: its stage is retried at once, not backed off.
+    backoff: bool = True
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happens to a stage after a failed attempt: retry after a delay, or give up."""
+
+    retry_in_seconds: float | None  # None: give up
+    gave_up: FailureKind | None
+    message: str  # for people: the error, and why it is final when it is
+
+    @property
+    def retry(self) -> bool:
+        return self.retry_in_seconds is not None
+
+
+def is_retryable(exc: BaseException, policy: RetryPolicy | None = None) -> bool:
+    """Whether an attempt that raised `exc` may be tried again (within its policy).
+
+    Unknown exceptions are bugs or environment hiccups: retried, and the policy's attempt limit
+    bounds them, so that a crash in our own code does not silently drop work."""
+    if isinstance(exc, PermanentError):
+        return False
+    if policy is not None and error_code(exc) in policy.non_retryable_error_codes:
+        return False
+    return isinstance(exc, Exception)
+
+
+def failure_from_exception(exc: BaseException, policy: RetryPolicy) -> Failure:
+    return Failure(
+        code=error_code(exc)[:64],
+        message=str(exc) or type(exc).__name__,
+        traceback="".join(traceback.format_exception(exc)),
+        retryable=is_retryable(exc, policy),
+        retry_after_seconds=exc.retry_after_seconds if isinstance(exc, TransientError) else None,
+    )
+
+
+def failure_from_expired_lease(
+    policy: RetryPolicy, *, worker: str, attempt_started_at: datetime, lease_expires_at: datetime
+) -> Failure:
+    """The attempt of a worker that stopped heartbeating: it timed out if its lease had
+    reached the attempt's deadline, else the worker was killed or stalled."""
+    deadline = attempt_started_at + timedelta(seconds=policy.start_to_close_timeout_seconds)
+    if lease_expires_at >= deadline:
+        return Failure(
+            code=AttemptTimedOut.code,
+            message="the attempt ran past its start-to-close timeout",
+            traceback="",
+            retryable=True,
+            backoff=False,
+        )
+    return Failure(
+        code=LeaseLost.code,
+        message=f"worker {worker or '?'} stopped heartbeating (killed or stalled); "
+        "its lease expired",
+        traceback="",
+        retryable=True,
+        backoff=False,
+    )
+
+
+def retry_decision(
+    policy: RetryPolicy,
+    failure: Failure,
+    *,
+    attempts_made: int,
+    interval_scale: float = 1.0,
+    rng: random.Random | None = None,
+) -> Decision:
+    """After `attempts_made` attempts, the last of which ended in `failure`: retry or give up.
+
+    `interval_scale` shrinks every wait (tests run backoffs at a hundredth of their length);
+    a provider's Retry-After is honoured as a minimum."""
+    if not failure.retryable:
+        return Decision(None, FailureKind.PERMANENT, failure.message)
+    if attempts_made >= policy.maximum_attempts:
+        return Decision(
+            None,
+            FailureKind.EXHAUSTED,
+            f"gave up after {attempts_made} attempts; last error: {failure.message}",
+        )
+    delay = policy.delay_after(attempts_made, rng=rng) if failure.backoff else 0.0
+    if failure.retry_after_seconds is not None:
+        delay = max(delay, failure.retry_after_seconds)
+    return Decision(delay * interval_scale, None, failure.message)
+
+
+def attempt_deadline(policy: RetryPolicy, *, started_at: datetime) -> datetime:
+    return started_at + timedelta(seconds=policy.start_to_close_timeout_seconds)
+
+
+def lease_until(*, now: datetime, deadline: datetime, lease_seconds: float) -> datetime:
+    """A lease runs for `lease_seconds` from now, never past the attempt's deadline."""
+    return min(now + timedelta(seconds=lease_seconds), deadline)

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 
 from django.conf import settings
 
-from pipeline import dispatch, store
+from pipeline import dispatch, policy, store
 from pipeline.context import attempt_artifacts_discard
+from pipeline.workflow import workflow_get
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +23,27 @@ class SweepResult:
     enqueued: int
 
 
-def leases_reap() -> list[store.Reaped]:
-    """Take back stages whose worker stopped heartbeating, and remove what it half-wrote."""
-    reaped = store.stages_reap_expired()
-    for lost in reaped:
-        attempt_artifacts_discard(lost.run_id, lost.stage_name, lost.attempt_number)
+def leases_reap() -> list[store.ExpiredLease]:
+    """Take back stages whose worker stopped heartbeating, retry or fail them by their policy,
+    and remove what the lost attempt half-wrote."""
+    reaped = []
+    for expired in store.stages_lease_expired():
+        stage_policy = workflow_get(expired.workflow).stage(expired.stage_name).policy
+        failure = policy.failure_from_expired_lease(
+            stage_policy,
+            worker=expired.worker,
+            attempt_started_at=expired.attempt_started_at,
+            lease_expires_at=expired.lease_expires_at,
+        )
+        decision = policy.retry_decision(
+            stage_policy,
+            failure,
+            attempts_made=expired.attempt_number,
+            interval_scale=settings.PIPELINE_RETRY_INTERVAL_SCALE,
+        )
+        if store.stage_reap(expired, failure, decision) is not None:
+            attempt_artifacts_discard(expired.run_id, expired.stage_name, expired.attempt_number)
+            reaped.append(expired)
     return reaped
 
 

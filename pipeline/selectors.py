@@ -1,92 +1,82 @@
-"""Reads for the operations dashboard: where the tokens, dollars and seconds went.
+"""The engine's public read API: what a domain may ask about its runs.
 
-Every figure is an aggregate over the engine's own tables, restricted to a window of whole days:
-- tokens and dollars come from the per-call ledger (`LLMCall`, by `created_at`), so the
-  dashboard's totals are the ledger's totals, calls on failed attempts and forked runs included;
-- attempt figures (outcomes, retries, durations, audio, "saved by resume") come from `Attempt`,
-  by `started_at`; stages that gave up, by the stage's `finished_at`;
-- re-runs are runs with `forked_from`, by `created_at`; operator actions are `AuditEntry` rows.
-
-Each selector is one query (grouped in the database); `dashboard_get` runs a fixed handful of
-them whatever the number of rows. Stages are keyed by (workflow, stage name): the engine knows
-nothing of the domain, so two workflows may well both have a stage called "summarize".
+A domain knows its runs by their subject (an opaque string it chooses, indexed) or through a
+foreign key to `Run` of its own. It reads runs, stages, attempts, outputs and spending through
+these functions only, so that each join, each sum and each rule lives here once. Stage outputs
+come back as the pydantic model their stage declares.
 """
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
-from dataclasses import dataclass, replace
-from datetime import date, datetime, timedelta
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
-from django.db import connection
 from django.db.models import (
-    Aggregate,
     Count,
-    DurationField,
-    ExpressionWrapper,
     F,
-    FloatField,
-    Min,
+    Model,
+    OuterRef,
+    Prefetch,
     Q,
+    QuerySet,
+    Subquery,
     Sum,
     Value,
 )
-from django.db.models.functions import Coalesce, TruncDate
+from django.db.models.functions import Coalesce
 from django.utils import timezone
+from pydantic import BaseModel, ConfigDict
 
-from pipeline.models import (
-    Attempt,
-    AttemptStatus,
-    AuditEntry,
-    LLMCall,
-    OperatorAction,
-    Run,
-    Stage,
-    StageStatus,
-)
+from pipeline.models import Attempt, LLMCall, Run, Stage
+from pipeline.states import StageStatus
+from pipeline.workflow import workflow_get
 
-DEFAULT_WINDOW_DAYS = 30
-MAX_WINDOW_DAYS = 366
-
-StageKey = tuple[str, str]  # (workflow, stage name)
+OutputT = TypeVar("OutputT", bound=BaseModel)
+M = TypeVar("M", bound=Model)
 
 _ZERO_USD = Decimal("0")
 
 
-# --- result shapes ---------------------------------------------------------------------------
+# --- spending: the ledger and the attempts ---------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Spend:
-    """Tokens and dollars of a group of ledger rows (a stage, a model, a day, or all)."""
+def ledger_sums() -> dict[str, Any]:
+    """The one definition of what LLM calls add up to: calls, tokens in and out, dollars.
 
-    label: str
+    Every total over the ledger, whole or grouped (by stage, model, day), aggregates or
+    annotates with these expressions."""
+    return {
+        "calls": Count("id"),
+        "input_tokens": Coalesce(Sum("input_tokens"), 0),
+        "output_tokens": Coalesce(Sum("output_tokens"), 0),
+        "cost_usd": Coalesce(Sum("cost_usd"), Value(_ZERO_USD)),
+    }
+
+
+def attempt_sums() -> dict[str, Any]:
+    """What attempts add up to: audio and compute seconds, and what reuse spared them."""
+    return {
+        "audio_seconds": Coalesce(Sum("audio_seconds"), 0.0),
+        "compute_seconds": Coalesce(Sum("compute_seconds"), 0.0),
+        "saved_input_tokens": Coalesce(Sum("saved_input_tokens"), 0),
+        "saved_output_tokens": Coalesce(Sum("saved_output_tokens"), 0),
+        "saved_cost_usd": Coalesce(Sum("saved_cost_usd"), Value(_ZERO_USD)),
+        "saved_audio_seconds": Coalesce(Sum("saved_audio_seconds"), 0.0),
+    }
+
+
+class Usage(BaseModel):
+    """What some runs spent (ledger and attempts), and what reuse spared them."""
+
+    model_config = ConfigDict(frozen=True)
+
     calls: int = 0
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: Decimal = _ZERO_USD
-
-    @property
-    def total_tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
-
-
-@dataclass(frozen=True)
-class StageActivity:
-    """What the attempts of one stage did in the window."""
-
-    label: str
-    attempts: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    lost: int = 0
-    retries: int = 0  # attempts numbered 2 or more
-    recovered: int = 0  # of those, the ones that succeeded
-    p50_seconds: float | None = None  # of succeeded attempts
-    p95_seconds: float | None = None
     audio_seconds: float = 0.0
     compute_seconds: float = 0.0
     saved_input_tokens: int = 0
@@ -95,413 +85,209 @@ class StageActivity:
     saved_audio_seconds: float = 0.0
 
     @property
-    def audio_hours(self) -> float:
-        return self.audio_seconds / 3600
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
 
     @property
     def saved_tokens(self) -> int:
         return self.saved_input_tokens + self.saved_output_tokens
 
 
+def ledger_totals(calls: QuerySet[LLMCall]) -> dict[str, Any]:
+    """The ledger sums of some calls, in one query."""
+    return calls.order_by().aggregate(**ledger_sums())
+
+
+def usage_totals(
+    *,
+    subjects: Sequence[str] | None = None,
+    run_ids: Sequence[int] | None = None,
+    stage_ids: Sequence[int] | None = None,
+    since: datetime | None = None,
+    ledger_only: bool = False,
+) -> Usage:
+    """Everything spent by the runs of `subjects`, or by `run_ids`, or to produce `stage_ids`
+    (every attempt, every run, failed ones included); since a time if given. Two queries, one
+    with `ledger_only` (tokens and dollars, for a budget check)."""
+    scope = Q()
+    if subjects is not None:
+        scope &= Q(stage__run__subject__in=list(subjects))
+    if run_ids is not None:
+        scope &= Q(stage__run_id__in=list(run_ids))
+    if stage_ids is not None:
+        scope &= Q(stage_id__in=list(stage_ids))
+    calls = LLMCall.objects.filter(scope)
+    if since is not None:
+        calls = calls.filter(created_at__gte=since)
+    totals = ledger_totals(calls)
+    if not ledger_only:
+        attempts = Attempt.objects.filter(scope)
+        if since is not None:
+            attempts = attempts.filter(started_at__gte=since)
+        totals |= attempts.order_by().aggregate(**attempt_sums())
+    return Usage.model_validate(totals)
+
+
+def stage_token_averages(workflow: str) -> dict[str, int]:
+    """Average tokens one execution of each stage of `workflow` has cost so far (the ledger's
+    tokens over the stages that made calls): what a re-run of it will likely cost."""
+    rows = (
+        LLMCall.objects.filter(stage__run__workflow=workflow)
+        .order_by()
+        .values(name=F("stage__name"))
+        .annotate(stages=Count("stage", distinct=True), **ledger_sums())
+    )
+    return {
+        r["name"]: round((r["input_tokens"] + r["output_tokens"]) / r["stages"])
+        for r in rows
+        if r["stages"]
+    }
+
+
+# --- runs, stages, outputs -------------------------------------------------------------------
+
+
+def runs_of_subject(subject: str) -> list[Run]:
+    """Every run of a subject, newest first."""
+    return list(Run.objects.filter(subject=subject).order_by("-created_at", "-id"))
+
+
+def run_of_subject(subject: str, run_id: int) -> Run | None:
+    """One run, only if it belongs to `subject` (what a domain checks before acting on it)."""
+    return Run.objects.filter(subject=subject, id=run_id).first()
+
+
+def run_stages(run_id: int) -> list[Stage]:
+    """A run's stages in order, each with its attempts (oldest first) and reuse source."""
+    attempts = Prefetch("attempts", queryset=Attempt.objects.order_by("number"))
+    return list(
+        Stage.objects.filter(run_id=run_id)
+        .select_related("reused_from", "run")
+        .prefetch_related(attempts)
+        .order_by("position")
+    )
+
+
+def output_of(stages: Sequence[Stage], name: str, as_type: type[OutputT]) -> OutputT | None:
+    """The committed output of stage `name` among already loaded `stages`, as its model."""
+    for stage in stages:
+        if stage.name == name and stage.status == StageStatus.SUCCEEDED:
+            spec = workflow_get(stage.run.workflow).stage(name)
+            return spec.output_load(stage.output, as_type)
+    return None
+
+
+def stage_output(run: Run, name: str, as_type: type[OutputT]) -> OutputT | None:
+    """The committed output of one stage of a run, as its model; None until it succeeds."""
+    stage = (
+        Stage.objects.filter(run=run, name=name, status=StageStatus.SUCCEEDED)
+        .select_related("run")
+        .first()
+    )
+    return output_of([stage], name, as_type) if stage else None
+
+
 @dataclass(frozen=True)
-class FailureRow:
-    """Failures of one stage with one error code: failed and lost attempts, stages given up."""
+class RunOutput:
+    """One run's output of one stage: a version of what the stage produces for a subject."""
 
-    stage: str
-    error_code: str
-    failed_attempts: int = 0
-    lost_attempts: int = 0
-    stages_gave_up: int = 0
+    run_id: int
+    created_at: datetime
+    output: Any
 
 
-@dataclass(frozen=True)
-class Tally:
-    label: str
-    count: int
+def stage_outputs_of_subject(subject: str, name: str, as_type: type[OutputT]) -> list[RunOutput]:
+    """Every committed output of stage `name` over a subject's runs, oldest run first."""
+    stages = (
+        Stage.objects.filter(run__subject=subject, name=name, status=StageStatus.SUCCEEDED)
+        .select_related("run")
+        .order_by("run__created_at", "run_id")
+    )
+    return [
+        RunOutput(
+            run_id=stage.run_id,
+            created_at=stage.run.created_at,
+            output=output_of([stage], name, as_type),
+        )
+        for stage in stages
+    ]
 
 
-@dataclass(frozen=True)
-class Dashboard:
-    days: int
-    since: datetime
-    until: datetime
-    spend_total: Spend
-    spend_by_stage: list[Spend]
-    spend_by_model: list[Spend]
-    spend_by_day: list[Spend]  # one row per day of the window, oldest first, empty days too
-    stages: list[StageActivity]
-    stages_total: StageActivity
-    failures: list[FailureRow]
-    failures_total: FailureRow
-    reruns_by_stage: list[Tally]
-    reruns_total: int
-    operator_actions: list[Tally]
-    operator_actions_total: int
-
-    @property
-    def audio_hours(self) -> float:
-        return self.stages_total.audio_seconds / 3600
-
-    @property
-    def saved_audio_hours(self) -> float:
-        return self.stages_total.saved_audio_seconds / 3600
+def run_failed_stage(run: Run) -> Stage | None:
+    """The stage that failed the run (the first, should there be more), or None."""
+    return run.stages.filter(status=StageStatus.FAILED).order_by("position").first()
 
 
-# --- the window ------------------------------------------------------------------------------
+# --- domain lists joined through a foreign key to Run ----------------------------------------
 
 
-def window_start(*, days: int, now: datetime | None = None) -> datetime:
-    """Midnight (in the current time zone) that opens a window of `days` whole days ending
-    today: days=1 is today, days=30 is today and the 29 days before it."""
-    if not 1 <= days <= MAX_WINDOW_DAYS:
-        raise ValueError(f"days must be between 1 and {MAX_WINDOW_DAYS}, not {days}")
-    today = timezone.localdate(now or timezone.now())
-    first = today - timedelta(days=days - 1)
-    return timezone.make_aware(datetime.combine(first, datetime.min.time()))
+def with_failed_stage(queryset: QuerySet[M], *, via: str) -> QuerySet[M]:
+    """Annotate rows of a domain model with the name and error code of the failed stage of the
+    run their foreign key `via` points at: `failed_stage_name`, `failed_error_code`."""
+    failed = Stage.objects.filter(run=OuterRef(via), status=StageStatus.FAILED).order_by("position")
+    return queryset.annotate(
+        failed_stage_name=Subquery(failed.values("name")[:1]),
+        failed_error_code=Subquery(failed.values("error_code")[:1]),
+        failed_kind=Subquery(failed.values("failure_kind")[:1]),
+    )
 
 
-# --- stage labels ----------------------------------------------------------------------------
+def filter_failed_at(
+    queryset: QuerySet[M],
+    *,
+    via: str,
+    stage_name: str | None = None,
+    error_code: str | None = None,
+    failure_kind: str | None = None,
+) -> QuerySet[M]:
+    """Rows whose run (foreign key `via`) has a failed stage matching what is given."""
+    prefix = f"{via}__stages__"
+    conditions = {f"{prefix}status": StageStatus.FAILED}
+    for field, value in (
+        ("name", stage_name),
+        ("error_code", error_code),
+        ("failure_kind", failure_kind),
+    ):
+        if value is not None:
+            conditions[prefix + field] = value
+    return queryset.filter(**conditions).distinct()
 
 
-class _StageLabels:
-    """Orders stages by workflow then position, and names them by stage name alone unless
-    more than one workflow appears (then "workflow · name")."""
-
-    def __init__(self) -> None:
-        self._position: dict[StageKey, int] = {}
-
-    def see(self, key: StageKey, position: int | None) -> None:
-        known = self._position.get(key)
-        if position is not None and (known is None or position < known):
-            self._position[key] = position
-        elif known is None:
-            self._position[key] = 0
-
-    def ordered(self, keys: set[StageKey] | list[StageKey]) -> list[StageKey]:
-        return sorted(keys, key=lambda key: (key[0], self._position.get(key, 0), key[1]))
-
-    def label(self, key: StageKey) -> str:
-        workflows = {workflow for workflow, _ in self._position}
-        return key[1] if len(workflows) <= 1 else f"{key[0]} · {key[1]}"
-
-
-# --- the ledger: tokens and dollars ----------------------------------------------------------
-
-_SPEND = {
-    "calls": Count("id"),
-    "input_tokens": Coalesce(Sum("input_tokens"), 0),
-    "output_tokens": Coalesce(Sum("output_tokens"), 0),
-    "cost_usd": Coalesce(Sum("cost_usd"), Value(_ZERO_USD)),
+STAGE_STATES = {
+    "failed": "Failed",
+    "retrying": "Retrying (waiting out a backoff)",
+    "stuck": "Stuck (lease expired, not yet swept)",
+    "running": "Running",
 }
 
 
-def _spend(label: str, row: dict[str, Any]) -> Spend:
-    return Spend(
-        label=label,
-        calls=int(row["calls"]),
-        input_tokens=int(row["input_tokens"]),
-        output_tokens=int(row["output_tokens"]),
-        cost_usd=Decimal(row["cost_usd"]),
-    )
+def filter_stage_state(queryset: QuerySet[M], state: str | None, *, prefix: str) -> QuerySet[M]:
+    """Keep rows whose stage (reached through `prefix`, e.g. 'current_run__stages__') is in
+    one of the `STAGE_STATES`; any other value leaves the queryset as it is."""
+    now = timezone.now()
+    conditions: dict[str, dict[str, Any]] = {
+        "failed": {"status": StageStatus.FAILED},
+        "retrying": {
+            "status": StageStatus.READY,
+            "attempt_count__gt": 0,
+            "next_attempt_at__gt": now,
+        },
+        "stuck": {"status": StageStatus.RUNNING, "lease_expires_at__lt": now},
+        "running": {"status": StageStatus.RUNNING},
+    }
+    if state not in conditions:
+        return queryset
+    return queryset.filter(
+        **{prefix + key: value for key, value in conditions[state].items()}
+    ).distinct()
 
 
-def _calls(since: datetime):
-    return LLMCall.objects.filter(created_at__gte=since).order_by()
-
-
-def llm_spend_by_stage(*, since: datetime) -> dict[StageKey, tuple[int, Spend]]:
-    """Ledger totals per (workflow, stage name), with the stage's position for ordering."""
-    rows = (
-        _calls(since)
-        .values(workflow=F("stage__run__workflow"), name=F("stage__name"))
-        .annotate(position=Min("stage__position"), **_SPEND)
-    )
-    return {(r["workflow"], r["name"]): (r["position"], _spend(r["name"], r)) for r in rows}
-
-
-def llm_spend_by_model(*, since: datetime) -> list[Spend]:
-    rows = _calls(since).values("model").annotate(**_SPEND).order_by("-cost_usd", "model")
-    return [_spend(r["model"], r) for r in rows]
-
-
-def llm_spend_by_day(*, since: datetime, until: datetime) -> list[Spend]:
-    """One row per calendar day (current time zone) from `since` to `until`, zeros included."""
-    tz = timezone.get_current_timezone()
-    rows = (
-        _calls(since)
-        .annotate(day=TruncDate("created_at", tzinfo=tz))
-        .values("day")
-        .annotate(**_SPEND)
-    )
-    found: dict[date, dict[str, Any]] = {_as_date(r["day"]): r for r in rows}
-    first, last = timezone.localdate(since), timezone.localdate(until)
-    days = [first + timedelta(days=i) for i in range((last - first).days + 1)]
-    days += sorted(day for day in found if day > last)  # clock skew: never drop a paid call
-    return [
-        _spend(day.isoformat(), found[day]) if day in found else Spend(label=day.isoformat())
-        for day in days
-    ]
-
-
-def _as_date(value: date | datetime | str) -> date:
-    if isinstance(value, datetime):
-        return value.date()
-    if isinstance(value, date):
-        return value
-    return date.fromisoformat(str(value))
-
-
-def _spend_sum(label: str, rows: list[Spend]) -> Spend:
-    return Spend(
-        label=label,
-        calls=sum(r.calls for r in rows),
-        input_tokens=sum(r.input_tokens for r in rows),
-        output_tokens=sum(r.output_tokens for r in rows),
-        cost_usd=sum((r.cost_usd for r in rows), _ZERO_USD),
-    )
-
-
-# --- attempts: outcomes, retries, audio, saved by resume, durations --------------------------
-
-
-def _attempts(since: datetime):
-    return Attempt.objects.filter(started_at__gte=since).order_by()
-
-
-def _count(condition: Q) -> Count:
-    return Count("id", filter=condition)
-
-
-def attempt_activity_by_stage(*, since: datetime) -> dict[StageKey, dict[str, Any]]:
-    """Per (workflow, stage name): attempt outcomes, retries, audio and "saved by resume"."""
-    rows = (
-        _attempts(since)
-        .values(workflow=F("stage__run__workflow"), name=F("stage__name"))
-        .annotate(
-            position=Min("stage__position"),
-            attempts=Count("id"),
-            succeeded=_count(Q(status=AttemptStatus.SUCCEEDED)),
-            failed=_count(Q(status=AttemptStatus.FAILED)),
-            lost=_count(Q(status=AttemptStatus.LOST)),
-            retries=_count(Q(number__gte=2)),
-            recovered=_count(Q(number__gte=2, status=AttemptStatus.SUCCEEDED)),
-            audio_seconds=Coalesce(Sum("audio_seconds"), 0.0),
-            compute_seconds=Coalesce(Sum("compute_seconds"), 0.0),
-            saved_input_tokens=Coalesce(Sum("saved_input_tokens"), 0),
-            saved_output_tokens=Coalesce(Sum("saved_output_tokens"), 0),
-            saved_cost_usd=Coalesce(Sum("saved_cost_usd"), Value(_ZERO_USD)),
-            saved_audio_seconds=Coalesce(Sum("saved_audio_seconds"), 0.0),
-        )
-    )
-    return {(r.pop("workflow"), r.pop("name")): r for r in rows}
-
-
-def percentile(sorted_values: list[float], fraction: float) -> float | None:
-    """The `fraction` percentile with linear interpolation between the closest ranks: the
-    same definition as PostgreSQL's percentile_cont, so both databases show one number."""
-    if not sorted_values:
-        return None
-    rank = fraction * (len(sorted_values) - 1)
-    low = math.floor(rank)
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
-
-
-class _PercentileCont(Aggregate):
-    """PostgreSQL's ordered-set aggregate over an interval, in seconds."""
-
-    function = "PERCENTILE_CONT"
-    template = (
-        "%(function)s(%(fraction)s) WITHIN GROUP (ORDER BY EXTRACT(EPOCH FROM %(expressions)s))"
-    )
-    output_field = FloatField()
-
-    def __init__(self, expression: Any, *, fraction: float) -> None:
-        super().__init__(expression, fraction=float(fraction))
-
-
-_DURATION = ExpressionWrapper(F("finished_at") - F("started_at"), output_field=DurationField())
-
-
-def attempt_duration_percentiles(
-    *, since: datetime
-) -> dict[StageKey, tuple[float | None, float | None]]:
-    """p50 and p95 of succeeded attempts' durations (finished_at - started_at), in seconds,
-    per (workflow, stage name). Computed by the database on PostgreSQL, in Python elsewhere."""
-    succeeded = _attempts(since).filter(status=AttemptStatus.SUCCEEDED, finished_at__isnull=False)
-    if connection.vendor == "postgresql":
-        rows = succeeded.values(workflow=F("stage__run__workflow"), name=F("stage__name")).annotate(
-            p50=_PercentileCont(_DURATION, fraction=0.5),
-            p95=_PercentileCont(_DURATION, fraction=0.95),
-        )
-        return {(r["workflow"], r["name"]): (r["p50"], r["p95"]) for r in rows}
-    durations: dict[StageKey, list[float]] = defaultdict(list)
-    for workflow, name, started_at, finished_at in succeeded.values_list(
-        "stage__run__workflow", "stage__name", "started_at", "finished_at"
-    ):
-        durations[(workflow, name)].append((finished_at - started_at).total_seconds())
-    result = {}
-    for key, values in durations.items():
-        values.sort()
-        result[key] = (percentile(values, 0.5), percentile(values, 0.95))
-    return result
-
-
-# --- failures --------------------------------------------------------------------------------
-
-
-def failures_by_stage_and_code(*, since: datetime) -> dict[tuple[StageKey, str], dict[str, int]]:
-    """Failed and lost attempts per (stage, error code), and stages that gave up (status
-    failed: a permanent error, or attempts exhausted) per (stage, the stage's error code)."""
-    found: dict[tuple[StageKey, str], dict[str, int]] = defaultdict(
-        lambda: {"failed": 0, "lost": 0, "gave_up": 0, "position": 0}
-    )
-    attempts = (
-        _attempts(since)
-        .filter(status__in=[AttemptStatus.FAILED, AttemptStatus.LOST])
-        .values("error_code", workflow=F("stage__run__workflow"), name=F("stage__name"))
-        .annotate(
-            position=Min("stage__position"),
-            failed=_count(Q(status=AttemptStatus.FAILED)),
-            lost=_count(Q(status=AttemptStatus.LOST)),
-        )
-    )
-    for r in attempts:
-        row = found[((r["workflow"], r["name"]), r["error_code"])]
-        row.update(failed=r["failed"], lost=r["lost"], position=r["position"])
-    stages = (
-        Stage.objects.filter(status=StageStatus.FAILED, finished_at__gte=since)
-        .order_by()
-        .values("error_code", "name", workflow=F("run__workflow"))
-        .annotate(first_position=Min("position"), gave_up=Count("id"))
-    )
-    for r in stages:
-        row = found[((r["workflow"], r["name"]), r["error_code"])]
-        row.update(gave_up=r["gave_up"], position=r["first_position"])
-    return dict(found)
-
-
-# --- re-runs and operator actions ------------------------------------------------------------
-
-
-def reruns_by_fork_stage(*, since: datetime) -> list[Tally]:
-    """Runs forked from an earlier run ("re-run from stage X"), by the stage they re-ran from."""
-    rows = (
-        Run.objects.filter(forked_from__isnull=False, created_at__gte=since)
-        .order_by()
-        .values("fork_stage")
-        .annotate(count=Count("id"))
-        .order_by("-count", "fork_stage")
-    )
-    return [Tally(label=r["fork_stage"] or "—", count=r["count"]) for r in rows]
-
-
-def operator_actions_by_action(*, since: datetime) -> list[Tally]:
-    """Audit-trail entries per action, every action listed (zeros included)."""
-    counts = dict(
-        AuditEntry.objects.filter(created_at__gte=since)
-        .order_by()
-        .values("action")
-        .annotate(count=Count("id"))
-        .values_list("action", "count")
-    )
-    return [
-        Tally(label=label, count=counts.get(value, 0)) for value, label in OperatorAction.choices
-    ]
-
-
-# --- the whole page --------------------------------------------------------------------------
-
-
-def dashboard_get(*, days: int = DEFAULT_WINDOW_DAYS, now: datetime | None = None) -> Dashboard:
-    """Everything the dashboard shows for the last `days` whole days, in nine queries."""
-    until = now or timezone.now()
-    since = window_start(days=days, now=until)
-    labels = _StageLabels()
-
-    spend_by_stage = llm_spend_by_stage(since=since)
-    activity = attempt_activity_by_stage(since=since)
-    durations = attempt_duration_percentiles(since=since)
-    failures = failures_by_stage_and_code(since=since)
-    for key, (position, _) in spend_by_stage.items():
-        labels.see(key, position)
-    for key, row in activity.items():
-        labels.see(key, row["position"])
-    for (key, _), row in failures.items():
-        labels.see(key, row["position"])
-
-    stage_spend = [
-        replace(spend_by_stage[key][1], label=labels.label(key))
-        for key in labels.ordered(list(spend_by_stage))
-    ]
-    spend_by_model = llm_spend_by_model(since=since)
-    spend_by_day = llm_spend_by_day(since=since, until=until)
-
-    stages = []
-    for key in labels.ordered(set(activity) | set(durations)):
-        row = {k: v for k, v in activity.get(key, {}).items() if k != "position"}
-        p50, p95 = durations.get(key, (None, None))
-        stages.append(
-            StageActivity(
-                label=labels.label(key),
-                p50_seconds=p50,
-                p95_seconds=p95,
-                **row,
-            )
-        )
-
-    order = {key: i for i, key in enumerate(labels.ordered({key for key, _ in failures}))}
-    failure_rows = [
-        FailureRow(
-            stage=labels.label(key),
-            error_code=code or "(none)",
-            failed_attempts=row["failed"],
-            lost_attempts=row["lost"],
-            stages_gave_up=row["gave_up"],
-        )
-        for (key, code), row in sorted(failures.items(), key=lambda i: (order[i[0][0]], i[0][1]))
-    ]
-
-    reruns = reruns_by_fork_stage(since=since)
-    actions = operator_actions_by_action(since=since)
-    return Dashboard(
-        days=days,
-        since=since,
-        until=until,
-        spend_total=_spend_sum("Total", stage_spend),
-        spend_by_stage=stage_spend,
-        spend_by_model=spend_by_model,
-        spend_by_day=spend_by_day,
-        stages=stages,
-        stages_total=_activity_sum(stages),
-        failures=failure_rows,
-        failures_total=FailureRow(
-            stage="Total",
-            error_code="",
-            failed_attempts=sum(r.failed_attempts for r in failure_rows),
-            lost_attempts=sum(r.lost_attempts for r in failure_rows),
-            stages_gave_up=sum(r.stages_gave_up for r in failure_rows),
-        ),
-        reruns_by_stage=reruns,
-        reruns_total=sum(r.count for r in reruns),
-        operator_actions=actions,
-        operator_actions_total=sum(r.count for r in actions),
-    )
-
-
-def _activity_sum(rows: list[StageActivity]) -> StageActivity:
-    return StageActivity(
-        label="Total",
-        attempts=sum(r.attempts for r in rows),
-        succeeded=sum(r.succeeded for r in rows),
-        failed=sum(r.failed for r in rows),
-        lost=sum(r.lost for r in rows),
-        retries=sum(r.retries for r in rows),
-        recovered=sum(r.recovered for r in rows),
-        audio_seconds=sum(r.audio_seconds for r in rows),
-        compute_seconds=sum(r.compute_seconds for r in rows),
-        saved_input_tokens=sum(r.saved_input_tokens for r in rows),
-        saved_output_tokens=sum(r.saved_output_tokens for r in rows),
-        saved_cost_usd=sum((r.saved_cost_usd for r in rows), _ZERO_USD),
-        saved_audio_seconds=sum(r.saved_audio_seconds for r in rows),
+def failed_error_codes() -> list[str]:
+    """Error codes of failed stages, for a filter's choices."""
+    return list(
+        Stage.objects.filter(status=StageStatus.FAILED)
+        .exclude(error_code="")
+        .order_by("error_code")
+        .values_list("error_code", flat=True)
+        .distinct()
     )

@@ -1,4 +1,7 @@
-"""The only module that reads or writes runs, stages, attempts, checkpoints and LLM calls.
+"""The only module that writes runs, stages, attempts, checkpoints and LLM calls.
+
+It records what it is told: `pipeline.policy` decides whether and when a failed stage is tried
+again, and the store writes that decision down. Others read through `pipeline.selectors`.
 
 Every transition is a short transaction whose WHERE clause is the fence: a stage is claimed only
 if it is still ready, completed or failed only by the attempt that holds its lease. That is
@@ -7,7 +10,6 @@ what makes a duplicate delivery, a zombie worker or a racing sweep harmless.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -15,22 +17,16 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
-from django.db.models import F, Q, QuerySet, Sum
+from django.db.models import F, Q, QuerySet
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from pipeline import policy
 from pipeline.errors import AttemptTimedOut, LeaseLost
-from pipeline.models import (
-    Attempt,
-    AttemptStatus,
-    AuditEntry,
-    Checkpoint,
-    LLMCall,
-    Run,
-    RunStatus,
-    Stage,
-    StageStatus,
-)
+from pipeline.models import Attempt, AuditEntry, Checkpoint, LLMCall, Run, Stage
+from pipeline.policy import Decision, Failure
+from pipeline.selectors import usage_totals
+from pipeline.states import AttemptStatus, RunStatus, StageStatus
 from pipeline.workflow import StageSpec, Workflow, workflow_get
 
 
@@ -72,19 +68,6 @@ class AttemptUsage:
             "saved_cost_usd": F("saved_cost_usd") + self.saved_cost_usd,
             "saved_audio_seconds": F("saved_audio_seconds") + self.saved_audio_seconds,
         }
-
-
-@dataclass(frozen=True)
-class Failure:
-    """How an attempt ended badly, as the executor classified it."""
-
-    code: str
-    message: str
-    traceback: str
-    retryable: bool
-    retry_after_seconds: float | None = None
-    # A lost worker is not an overloaded provider: its stage is retried at once, not backed off.
-    backoff: bool = True
 
 
 def _lease_seconds() -> float:
@@ -161,7 +144,7 @@ def run_ready_stages(run_id: int) -> list[Stage]:
     return list(Stage.objects.filter(run_id=run_id, status=StageStatus.READY).select_related("run"))
 
 
-def run_cancel(*, run: Run, reason: str) -> bool:
+def run_mark_cancelled(*, run: Run, reason: str) -> bool:
     """Cancel every stage not yet finished. A running attempt is fenced out at its next write."""
     now = timezone.now()
     with transaction.atomic():
@@ -187,7 +170,7 @@ def run_cancel(*, run: Run, reason: str) -> bool:
     return True
 
 
-def run_retry(*, run: Run) -> Stage | None:
+def stage_reopen_failed(*, run: Run) -> Stage | None:
     """Give the run's failed stage one more attempt; everything before it stays as it is."""
     now = timezone.now()
     with transaction.atomic():
@@ -200,15 +183,24 @@ def run_retry(*, run: Run) -> Stage | None:
         if stage is None:
             return None
         stage.status = StageStatus.READY
+        stage.failure_kind = ""
         stage.next_attempt_at = now
         stage.enqueued_at = None
         stage.finished_at = None
-        stage.save(update_fields=["status", "next_attempt_at", "enqueued_at", "finished_at"])
+        stage.save(
+            update_fields=[
+                "status",
+                "failure_kind",
+                "next_attempt_at",
+                "enqueued_at",
+                "finished_at",
+            ]
+        )
         Run.objects.filter(id=run.id).update(status=RunStatus.RUNNING, error="", finished_at=None)
     return stage
 
 
-def stage_run_now(*, stage: Stage) -> bool:
+def stage_skip_backoff(*, stage: Stage) -> bool:
     """Skip what remains of a ready stage's backoff."""
     return bool(
         Stage.objects.filter(id=stage.id, status=StageStatus.READY).update(
@@ -251,10 +243,8 @@ def stage_claim(*, stage_id: int, worker: str) -> Claim | None:
         return None
     if stage.next_attempt_at is not None and stage.next_attempt_at > now:
         return None
-    spec = _spec(stage)
-    timeout = spec.policy.start_to_close_timeout_seconds
-    deadline = now + timedelta(seconds=timeout)
-    lease_until = now + timedelta(seconds=min(_lease_seconds(), timeout))
+    deadline = policy.attempt_deadline(_spec(stage).policy, started_at=now)
+    lease_until = policy.lease_until(now=now, deadline=deadline, lease_seconds=_lease_seconds())
     number = stage.attempt_count + 1
     with transaction.atomic():
         claimable = Stage.objects.filter(
@@ -314,7 +304,7 @@ def stage_heartbeat(claim: Claim) -> None:
     now = timezone.now()
     if now >= claim.deadline:
         raise AttemptTimedOut(f"stage {claim.stage_name} ran past its start-to-close timeout")
-    until = min(now + timedelta(seconds=_lease_seconds()), claim.deadline)
+    until = policy.lease_until(now=now, deadline=claim.deadline, lease_seconds=_lease_seconds())
     if not _held(claim, now).update(lease_expires_at=until):
         raise LeaseLost(
             f"attempt {claim.attempt_number} of {claim.stage_name} lost its lease "
@@ -363,9 +353,10 @@ def attempt_complete(
 
 
 def attempt_fail(
-    claim: Claim, failure: Failure, *, usage: AttemptUsage | None = None
+    claim: Claim, failure: Failure, decision: Decision, *, usage: AttemptUsage | None = None
 ) -> Stage | None:
-    """Record a failed attempt and schedule the next one, or give up. None if fenced out."""
+    """Record a failed attempt and what the policy decided: the next attempt's time, or the
+    stage's end. None if this attempt was fenced out."""
     now = timezone.now()
     with transaction.atomic():
         stage = (
@@ -388,32 +379,24 @@ def attempt_fail(
             traceback=failure.traceback,
             **(usage or AttemptUsage()).columns(),
         )
-        _schedule_after_failure(stage, failure, now)
+        _stage_record_failure(stage, failure, decision, now)
     return stage
 
 
-def _schedule_after_failure(stage: Stage, failure: Failure, now: datetime) -> None:
-    policy = _spec(stage).policy
+def _stage_record_failure(
+    stage: Stage, failure: Failure, decision: Decision, now: datetime
+) -> None:
     stage.error_code = failure.code[:64]
-    stage.error_message = failure.message
+    stage.error_message = decision.message
     stage.lease_owner = ""
     stage.lease_expires_at = None
-    if failure.retryable and stage.attempt_count < policy.maximum_attempts:
-        delay = 0.0
-        if failure.backoff:
-            delay = policy.delay_after(stage.attempt_count, rng=random.Random())  # noqa: S311
-        if failure.retry_after_seconds is not None:
-            delay = max(delay, failure.retry_after_seconds)
-        delay *= float(settings.PIPELINE_RETRY_INTERVAL_SCALE)
+    if decision.retry_in_seconds is not None:
         stage.status = StageStatus.READY
-        stage.next_attempt_at = now + timedelta(seconds=delay)
+        stage.next_attempt_at = now + timedelta(seconds=decision.retry_in_seconds)
         stage.enqueued_at = None
     else:
-        if failure.retryable:
-            stage.error_message = (
-                f"gave up after {stage.attempt_count} attempts; last error: {failure.message}"
-            )
         stage.status = StageStatus.FAILED
+        stage.failure_kind = decision.gave_up or ""
         stage.finished_at = now
         Run.objects.filter(id=stage.run_id).exclude(status=RunStatus.CANCELLED).update(
             status=RunStatus.FAILED,
@@ -427,64 +410,80 @@ def _schedule_after_failure(stage: Stage, failure: Failure, now: datetime) -> No
 
 
 @dataclass(frozen=True)
-class Reaped:
-    """A stage taken back from a worker whose lease expired, and the attempt it lost."""
+class ExpiredLease:
+    """A running stage whose worker stopped heartbeating, as found by the sweep."""
 
     stage_id: int
     run_id: int
+    workflow: str
     stage_name: str
     attempt_number: int
-    ready: bool  # retried; False if its policy gave up
+    worker: str
+    lease_expires_at: datetime
+    attempt_started_at: datetime
 
 
-def stages_reap_expired() -> list[Reaped]:
-    """Take back every running stage whose lease expired: its attempt is marked lost and the
-    stage is retried (or failed) by its policy."""
+def stages_lease_expired() -> list[ExpiredLease]:
+    """Running stages whose lease has expired, with what the policy needs to judge them."""
     now = timezone.now()
-    reaped: list[Reaped] = []
-    expired = Stage.objects.filter(status=StageStatus.RUNNING, lease_expires_at__lt=now)
-    for stage_id in expired.values_list("id", flat=True):
-        with transaction.atomic():
-            locked = Stage.objects.select_for_update().select_related("run")
-            stage = locked.filter(
-                id=stage_id, status=StageStatus.RUNNING, lease_expires_at__lt=now
-            ).first()
-            if stage is None:
-                continue
-            attempt = Attempt.objects.filter(stage=stage, number=stage.attempt_count).first()
-            timed_out = attempt is not None and stage.lease_expires_at >= attempt.started_at + (
-                timedelta(seconds=_spec(stage).policy.start_to_close_timeout_seconds)
+    rows = list(
+        Stage.objects.filter(status=StageStatus.RUNNING, lease_expires_at__lt=now).values(
+            "id",
+            "run_id",
+            "run__workflow",
+            "name",
+            "attempt_count",
+            "lease_owner",
+            "lease_expires_at",
+        )
+    )
+    started = dict(
+        Attempt.objects.filter(
+            stage_id__in=[row["id"] for row in rows], status=AttemptStatus.RUNNING
+        ).values_list("stage_id", "started_at")
+    )
+    return [
+        ExpiredLease(
+            stage_id=row["id"],
+            run_id=row["run_id"],
+            workflow=row["run__workflow"],
+            stage_name=row["name"],
+            attempt_number=row["attempt_count"],
+            worker=row["lease_owner"],
+            lease_expires_at=row["lease_expires_at"],
+            attempt_started_at=started.get(row["id"], row["lease_expires_at"]),
+        )
+        for row in rows
+    ]
+
+
+def stage_reap(expired: ExpiredLease, failure: Failure, decision: Decision) -> Stage | None:
+    """Take a stage back from its vanished worker: its attempt is marked lost and the stage
+    retried or failed as decided. None if it moved on meanwhile (the worker came back)."""
+    now = timezone.now()
+    with transaction.atomic():
+        stage = (
+            Stage.objects.select_for_update()
+            .filter(
+                id=expired.stage_id,
+                status=StageStatus.RUNNING,
+                attempt_count=expired.attempt_number,
+                lease_expires_at__lt=now,
             )
-            failure = Failure(
-                code=AttemptTimedOut.code if timed_out else LeaseLost.code,
-                message=(
-                    "the attempt ran past its start-to-close timeout"
-                    if timed_out
-                    else f"worker {stage.lease_owner or '?'} stopped heartbeating "
-                    "(killed or stalled); its lease expired"
-                ),
-                traceback="",
-                retryable=True,
-                backoff=False,
-            )
-            if attempt is not None:
-                Attempt.objects.filter(id=attempt.id, status=AttemptStatus.RUNNING).update(
-                    status=AttemptStatus.LOST,
-                    finished_at=now,
-                    error_code=failure.code,
-                    error_message=failure.message,
-                )
-            _schedule_after_failure(stage, failure, now)
-            reaped.append(
-                Reaped(
-                    stage_id=stage.id,
-                    run_id=stage.run_id,
-                    stage_name=stage.name,
-                    attempt_number=stage.attempt_count,
-                    ready=stage.status == StageStatus.READY,
-                )
-            )
-    return reaped
+            .first()
+        )
+        if stage is None:
+            return None
+        Attempt.objects.filter(
+            stage=stage, number=expired.attempt_number, status=AttemptStatus.RUNNING
+        ).update(
+            status=AttemptStatus.LOST,
+            finished_at=now,
+            error_code=failure.code,
+            error_message=failure.message,
+        )
+        _stage_record_failure(stage, failure, decision, now)
+    return stage
 
 
 def stages_due(*, requeue_after_seconds: float) -> list[Stage]:
@@ -499,8 +498,11 @@ def stages_due(*, requeue_after_seconds: float) -> list[Stage]:
     )
 
 
-def stages_mark_enqueued(stage_ids: list[int]) -> None:
-    Stage.objects.filter(id__in=stage_ids).update(enqueued_at=timezone.now())
+def stages_mark_enqueued(stage_ids: list[int]) -> list[Stage]:
+    """Note that a wake-up message is on its way for these stages; return them with their run."""
+    stages = list(Stage.objects.filter(id__in=stage_ids).select_related("run"))
+    Stage.objects.filter(id__in=[stage.id for stage in stages]).update(enqueued_at=timezone.now())
+    return stages
 
 
 # --- inside an attempt: checkpoints and the LLM ledger --------------------------------------
@@ -582,23 +584,13 @@ def _cost_of_stages_before(run_id: int, position: int) -> dict[str, Any]:
     earlier = Stage.objects.filter(run_id=run_id, position__lt=position).values_list(
         "id", "reused_from_id"
     )
-    producers = [reused_from or stage_id for stage_id, reused_from in earlier]
-    calls = LLMCall.objects.filter(stage_id__in=producers).aggregate(
-        saved_input_tokens=Coalesce(Sum("input_tokens"), 0),
-        saved_output_tokens=Coalesce(Sum("output_tokens"), 0),
-        saved_cost_usd=Coalesce(Sum("cost_usd"), Decimal(0)),
-    )
-    audio = Attempt.objects.filter(stage_id__in=producers).aggregate(
-        saved_audio_seconds=Coalesce(Sum("audio_seconds"), 0.0)
-    )
-    return {**calls, **audio}
-
-
-def run_tokens_spent(run_id: int) -> int:
-    totals = LLMCall.objects.filter(stage__run_id=run_id).aggregate(
-        tokens=Coalesce(Sum(F("input_tokens") + F("output_tokens")), 0)
-    )
-    return int(totals["tokens"])
+    spent = usage_totals(stage_ids=[reused_from or stage_id for stage_id, reused_from in earlier])
+    return {
+        "saved_input_tokens": spent.input_tokens,
+        "saved_output_tokens": spent.output_tokens,
+        "saved_cost_usd": spent.cost_usd,
+        "saved_audio_seconds": spent.audio_seconds,
+    }
 
 
 def stage_outputs(run_id: int, *, before_position: int) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.shortcuts import render
 
 from pipeline import charts
-from pipeline.selectors import DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS, Dashboard, dashboard_get
+from pipeline.dashboard import DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS, Dashboard, dashboard_get
 
 WINDOW_CHOICES = (1, 7, 30, 90)
 

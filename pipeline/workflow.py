@@ -1,21 +1,26 @@
 """How a domain declares its workflow to the engine: an ordered list of stage specs.
 
 Reading a workflow declaration should tell you everything about how it runs: each stage's
-function, its retry policy and timeout, its non-retryable errors and the queue it runs on.
+function, the model of what it returns, its retry policy and timeout, its non-retryable errors
+and the queue it runs on.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, TypeVar
 
+from pydantic import BaseModel, ValidationError
+
+from pipeline.errors import StageOutputInvalid
 from pipeline.policy import RetryPolicy
 
 if TYPE_CHECKING:
     from pipeline.context import StageContext
 
-StageFunction = Callable[["StageContext"], dict[str, Any]]
+StageFunction = Callable[["StageContext"], BaseModel]
+OutputT = TypeVar("OutputT", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -23,11 +28,35 @@ class StageSpec:
     name: str
     run: StageFunction
     policy: RetryPolicy
+    # What the stage returns. The engine validates it, stores its JSON and gives readers the
+    # model back; system check pipeline.E005 refuses a stage without one.
+    output: type[BaseModel] | None = None
     # The django-q2 cluster (queue) this stage is sent to; None is the default cluster. A stage
     # on the same queue as the one before it runs on the same worker right after it.
     queue: str | None = None
     # Shown to people (admin, status pages).
     title: str = ""
+
+    def output_dump(self, value: object) -> dict[str, object]:
+        """Validate what the stage function returned against its model; the JSON to store."""
+        if self.output is None:
+            raise StageOutputInvalid(f"stage {self.name!r} declares no output model")
+        try:
+            model = self.output.model_validate(value)
+        except ValidationError as exc:
+            raise StageOutputInvalid(
+                f"stage {self.name!r} returned something that is not a "
+                f"{self.output.__name__}: {exc.error_count()} error(s), first: "
+                f"{exc.errors()[0]['msg']}"
+            ) from exc
+        return model.model_dump(mode="json")
+
+    def output_load(self, document: object, as_type: type[OutputT]) -> OutputT:
+        """The stored JSON of this stage's output, as its model (which must be `as_type`)."""
+        if self.output is None or not issubclass(self.output, as_type):
+            declared = self.output.__name__ if self.output else "nothing"
+            raise TypeError(f"stage {self.name!r} outputs {declared}, not {as_type.__name__}")
+        return as_type.model_validate(document)
 
 
 @dataclass(frozen=True)

@@ -9,39 +9,34 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.core.exceptions import PermissionDenied
-from django.db.models import OuterRef, QuerySet, Subquery
+from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
-from django.utils.html import format_html, format_html_join
+from django.utils.html import format_html_join
 
-from pipeline.admin import stage_state_filter
-from pipeline.models import Run, Stage, StageStatus
-from pipeline.operations import OperationRefused
+from pipeline.admin import StageStateFilter, run_admin_link
+from pipeline.errors import PipelineError
+from pipeline.selectors import (
+    failed_error_codes,
+    filter_failed_at,
+    runs_of_subject,
+    with_failed_stage,
+)
+from pipeline.states import FailureKind
 from visits.models import Visit
 from visits.services import (
     REPROCESS_PERMISSION,
     visit_cancel,
     visit_rerun_from,
     visit_retry,
-    visit_run_now,
+    visit_skip_backoff,
 )
 from visits.stages import VISIT_WORKFLOW
 
 
-class VisitStateFilter(admin.SimpleListFilter):
+class VisitStateFilter(StageStateFilter):
     title = "pipeline state"
-    parameter_name = "state"
-
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [
-            ("failed", "Failed"),
-            ("retrying", "Retrying (waiting out a backoff)"),
-            ("stuck", "Stuck (lease expired, not yet swept)"),
-            ("running", "Running"),
-        ]
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet[Visit]) -> QuerySet[Visit]:
-        return stage_state_filter(queryset, self.value(), prefix="current_run__stages__")
+    prefix = "current_run__stages__"
 
 
 class FailedStageFilter(admin.SimpleListFilter):
@@ -54,10 +49,20 @@ class FailedStageFilter(admin.SimpleListFilter):
     def queryset(self, request: HttpRequest, queryset: QuerySet[Visit]) -> QuerySet[Visit]:
         if self.value() is None:
             return queryset
-        return queryset.filter(
-            current_run__stages__name=self.value(),
-            current_run__stages__status=StageStatus.FAILED,
-        )
+        return filter_failed_at(queryset, via="current_run", stage_name=self.value())
+
+
+class FailureKindFilter(admin.SimpleListFilter):
+    title = "how it failed"
+    parameter_name = "failure"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return list(FailureKind.choices)
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Visit]) -> QuerySet[Visit]:
+        if self.value() is None:
+            return queryset
+        return filter_failed_at(queryset, via="current_run", failure_kind=self.value())
 
 
 class ErrorTypeFilter(admin.SimpleListFilter):
@@ -65,22 +70,12 @@ class ErrorTypeFilter(admin.SimpleListFilter):
     parameter_name = "error"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        codes = (
-            Stage.objects.filter(status=StageStatus.FAILED)
-            .exclude(error_code="")
-            .values_list("error_code", flat=True)
-            .distinct()
-            .order_by("error_code")
-        )
-        return [(code, code) for code in codes]
+        return [(code, code) for code in failed_error_codes()]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet[Visit]) -> QuerySet[Visit]:
         if self.value() is None:
             return queryset
-        return queryset.filter(
-            current_run__stages__status=StageStatus.FAILED,
-            current_run__stages__error_code=self.value(),
-        ).distinct()
+        return filter_failed_at(queryset, via="current_run", error_code=self.value())
 
 
 class ReasonForm(forms.Form):
@@ -127,7 +122,7 @@ def _operate(
         try:
             perform(visit, form.cleaned_data)
             done += 1
-        except (OperationRefused, PermissionDenied) as exc:
+        except (PipelineError, PermissionDenied) as exc:
             refused.append(f"visit {visit.pk}: {exc}")
     if done:
         modeladmin.message_user(request, f"{title}: done for {done} visit(s).", messages.SUCCESS)
@@ -145,6 +140,7 @@ class VisitAdmin(admin.ModelAdmin):
         "created_at",
         "status",
         "failed_stage",
+        "failure",
         "error_code",
         "run_link",
     ]
@@ -152,6 +148,7 @@ class VisitAdmin(admin.ModelAdmin):
         VisitStateFilter,
         "current_run__status",
         FailedStageFilter,
+        FailureKindFilter,
         ErrorTypeFilter,
         "clinician",
         "created_at",
@@ -172,15 +169,7 @@ class VisitAdmin(admin.ModelAdmin):
     fields = ["label", *readonly_fields]
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Visit]:
-        failed = Stage.objects.filter(run=OuterRef("current_run"), status=StageStatus.FAILED)
-        return (
-            super()
-            .get_queryset(request)
-            .annotate(
-                failed_stage_name=Subquery(failed.values("name")[:1]),
-                failed_error_code=Subquery(failed.values("error_code")[:1]),
-            )
-        )
+        return with_failed_stage(super().get_queryset(request), via="current_run")
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # visits come from uploads and `process_recording`, with their recording
@@ -196,35 +185,31 @@ class VisitAdmin(admin.ModelAdmin):
     def failed_stage(self, visit: Any) -> str:
         return visit.failed_stage_name or ""
 
+    @admin.display(description="how", ordering="failed_kind")
+    def failure(self, visit: Any) -> str:
+        return FailureKind(visit.failed_kind).label if visit.failed_kind else ""
+
     @admin.display(description="error", ordering="failed_error_code")
     def error_code(self, visit: Any) -> str:
         return visit.failed_error_code or ""
 
     @admin.display(description="run")
     def run_link(self, visit: Visit) -> str:
-        if visit.current_run_id is None:
-            return ""
-        return format_html(
-            '<a href="../../pipeline/run/{}/change/">run {}</a>',
-            visit.current_run_id,
-            visit.current_run_id,
-        )
+        return run_admin_link(visit.current_run_id)
 
     @admin.display(description="all runs")
     def runs(self, visit: Visit) -> str:
-        rows = Run.objects.filter(subject=visit.subject).order_by("-created_at")
         return format_html_join(
             "",
-            '<div><a href="../../../pipeline/run/{}/change/">run {}</a> · {} · {}{}</div>',
+            "<div>{} · {} · {}{}</div>",
             (
                 (
-                    run.pk,
-                    run.pk,
+                    run_admin_link(run.pk),
                     run.status,
                     run.created_at,
                     f" · forked from run {run.forked_from_id}" if run.forked_from_id else "",
                 )
-                for run in rows
+                for run in runs_of_subject(visit.subject)
             ),
         )
 
@@ -249,7 +234,7 @@ class VisitAdmin(admin.ModelAdmin):
             queryset,
             title="Run now",
             form_class=ReasonForm,
-            perform=lambda visit, data: visit_run_now(
+            perform=lambda visit, data: visit_skip_backoff(
                 visit=visit, actor=request.user, reason=data["reason"]
             ),
         )

@@ -1,6 +1,6 @@
 """Clinical-domain failures. Each says what is wrong and what the clinician can do."""
 
-from pipeline.errors import PermanentError
+from pipeline.errors import PermanentError, PipelineError
 
 SUPPORTED_FORMATS = "WAV, MP3, M4A/AAC, OGG/Opus, FLAC or WebM"
 
@@ -21,5 +21,7 @@ class NoSpeechDetected(PermanentError):
     code = "no_speech"
 
 
-class RecordingRejected(Exception):
+class RecordingRejected(PipelineError):
     """An upload refused before any visit exists (wrong type, too large, empty)."""
+
+    code = "recording_rejected"

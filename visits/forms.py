@@ -3,7 +3,7 @@ from django.conf import settings
 from django.template.defaultfilters import filesizeformat
 
 from visits.errors import RecordingRejected
-from visits.services import RECORDING_EXTENSIONS, recording_check
+from visits.services import RECORDING_EXTENSIONS, recording_validate
 
 
 class VisitUploadForm(forms.Form):
@@ -30,7 +30,7 @@ class VisitUploadForm(forms.Form):
         if recording is None:
             return recording
         try:
-            recording_check(name=recording.name or "", size=recording.size or 0)
+            recording_validate(name=recording.name or "", size=recording.size or 0)
         except RecordingRejected as exc:
             raise forms.ValidationError(str(exc)) from exc
         return recording

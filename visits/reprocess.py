@@ -4,16 +4,17 @@ Used by `manage.py reprocess`; the plan is what `--dry-run` prints."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
-from django.db.models import Count, F, QuerySet, Sum
-from django.db.models.functions import Coalesce
+from django.db.models import QuerySet
 
-from pipeline.models import Attempt, LLMCall, RunStatus, StageStatus
-from pipeline.operations import OperationRefused, rerun_plan
+from pipeline.errors import OperationRefused
+from pipeline.operations import run_rerun_plan, run_retry_plan
+from pipeline.selectors import filter_failed_at, stage_token_averages, usage_totals
+from pipeline.states import RunStatus
 from visits.models import Visit
 from visits.services import visit_rerun_from, visit_retry
 from visits.stages import VISIT_WORKFLOW
@@ -54,50 +55,28 @@ def visits_for_reprocess(
     if status:
         visits = visits.filter(current_run__status=status)
     if failed_stage:
-        visits = visits.filter(
-            current_run__stages__name=failed_stage,
-            current_run__stages__status=StageStatus.FAILED,
-        )
+        visits = filter_failed_at(visits, via="current_run", stage_name=failed_stage)
     if since:
         visits = visits.filter(created_at__gte=since)
     return visits.distinct()
 
 
-def stage_token_estimates() -> dict[str, int]:
-    """Average tokens a stage has cost per stage execution so far, from the ledger."""
-    rows = (
-        LLMCall.objects.values(name=F("stage__name"))
-        .annotate(
-            tokens=Coalesce(Sum(F("input_tokens") + F("output_tokens")), 0),
-            stages=Count("stage", distinct=True),
-        )
-        .values_list("name", "tokens", "stages")
-    )
-    return {name: round(tokens / stages) for name, tokens, stages in rows if stages}
-
-
 def reprocess_plan(visits: QuerySet[Visit], *, from_stage: str | None) -> list[VisitPlan]:
-    estimates = stage_token_estimates()
-    names = VISIT_WORKFLOW.stage_names
+    estimates = stage_token_averages(VISIT_WORKFLOW.name)
     plans = []
     for visit in visits:
         run = visit.current_run
         if run is None:
             continue
-        if from_stage:
-            try:
-                reused, runs = rerun_plan(run, from_stage)
-                skip = ""
-            except OperationRefused as exc:
-                reused, runs, skip = [], [], str(exc)
-            mode = "rerun"
-        else:
-            mode = "retry"
-            failed = run.stages.filter(status=StageStatus.FAILED).order_by("position").first()
-            if failed is None:
-                reused, runs, skip = [], [], f"nothing to retry: run {run.pk} is {run.status}"
+        mode = "rerun" if from_stage else "retry"
+        try:
+            if from_stage:
+                reused, runs = run_rerun_plan(run, from_stage)
             else:
-                reused, runs, skip = names[: failed.position], names[failed.position :], ""
+                reused, runs = run_retry_plan(run)
+            skip = ""
+        except OperationRefused as exc:
+            reused, runs, skip = [], [], str(exc)
         plans.append(
             VisitPlan(
                 visit=visit,
@@ -112,20 +91,14 @@ def reprocess_plan(visits: QuerySet[Visit], *, from_stage: str | None) -> list[V
 
 
 def reprocess_execute(
-    plans: list[VisitPlan],
-    *,
-    from_stage: str | None,
-    reason: str,
-    inline: bool,
-    progress: Callable[[int, VisitPlan], None] | None = None,
+    plans: Iterable[VisitPlan], *, from_stage: str | None, reason: str, inline: bool
 ) -> ReprocessOutcome:
-    """Carry out a plan as a shell operator (audited as `cli:<login>`)."""
+    """Carry out a plan as a shell operator (audited as `cli:<login>`); `plans` may be wrapped
+    in a progress bar."""
     outcome = ReprocessOutcome()
     started = datetime.now().astimezone()
     touched: list[Visit] = []
-    for index, plan in enumerate(plans, start=1):
-        if progress:
-            progress(index, plan)
+    for plan in plans:
         if plan.skip_reason:
             outcome.refused.append(f"visit {plan.visit.pk}: {plan.skip_reason}")
             continue
@@ -148,20 +121,9 @@ def reprocess_execute(
             outcome.failed += 1
         else:
             outcome.enqueued += 1
-    subjects = [visit.subject for visit in touched]
-    spent = LLMCall.objects.filter(stage__run__subject__in=subjects, created_at__gte=started)
-    totals = spent.aggregate(
-        tokens=Coalesce(Sum(F("input_tokens") + F("output_tokens")), 0),
-        cost=Coalesce(Sum("cost_usd"), Decimal(0)),
-    )
-    saved = Attempt.objects.filter(
-        stage__run__subject__in=subjects, started_at__gte=started
-    ).aggregate(
-        tokens=Coalesce(Sum(F("saved_input_tokens") + F("saved_output_tokens")), 0),
-        cost=Coalesce(Sum("saved_cost_usd"), Decimal(0)),
-    )
-    outcome.tokens_spent = int(totals["tokens"])
-    outcome.cost_usd = totals["cost"]
-    outcome.tokens_saved = int(saved["tokens"])
-    outcome.saved_cost_usd = saved["cost"]
+    usage = usage_totals(subjects=[visit.subject for visit in touched], since=started)
+    outcome.tokens_spent = usage.total_tokens
+    outcome.cost_usd = usage.cost_usd
+    outcome.tokens_saved = usage.saved_tokens
+    outcome.saved_cost_usd = usage.saved_cost_usd
     return outcome

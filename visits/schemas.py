@@ -74,6 +74,10 @@ class SOAPNote(BaseModel):
     assessment: list[Finding]
     plan: list[Finding]
 
+    def sections(self) -> list[tuple[str, list[Finding]]]:
+        """(section name, items) in SOAP order, for pages and text renderings."""
+        return [(name, getattr(self, name)) for name in type(self).model_fields]
+
 
 class PostVisitNote(BaseModel):
     """The chart's SOAP note and the patient's plain-language after-visit summary."""
@@ -84,6 +88,40 @@ class PostVisitNote(BaseModel):
     patient_summary: list[Finding] = Field(
         description="short plain-language sentences for the patient, no jargon"
     )
+
+
+# --- what each stage of the visit workflow returns (stored as JSON, read back as these) -------
+
+
+class _StageOutput(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class IngestOutput(_StageOutput):
+    audio: str = Field(description="artifact reference of the 16 kHz mono PCM")
+    sample_rate: int
+    duration_seconds: float
+    source_format: str
+    source_bytes: int
+
+
+class TranscribeOutput(_StageOutput):
+    transcript: str = Field(description="artifact reference of the Transcript JSON")
+    model: str
+    segments: int
+    words: int
+    chunks: int
+    chunks_reused: int
+
+
+class SummarizeOutput(_StageOutput):
+    engine: str
+    summary: ClinicalSummary
+
+
+class NoteOutput(_StageOutput):
+    engine: str
+    note: PostVisitNote
 
 
 def cited_ids(document: BaseModel) -> set[int]:

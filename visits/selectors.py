@@ -5,17 +5,33 @@ from __future__ import annotations
 import difflib
 import logging
 from dataclasses import dataclass
-from decimal import Decimal
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import Prefetch, QuerySet, Sum
-from django.db.models.functions import Coalesce
+from django.db.models import QuerySet
+from pydantic import BaseModel
 
-from pipeline.models import Attempt, LLMCall, Stage, StageStatus
+from pipeline.selectors import (
+    output_of,
+    run_stages,
+    stage_outputs_of_subject,
+    usage_totals,
+)
 from visits.models import NoteSignature, Visit
-from visits.schemas import Transcript
+from visits.schemas import (
+    ClinicalSummary,
+    NoteOutput,
+    PostVisitNote,
+    Segment,
+    SummarizeOutput,
+    TranscribeOutput,
+    Transcript,
+)
 from visits.stages import transcript_load
+
+if TYPE_CHECKING:
+    from pipeline.models import Stage
 
 logger = logging.getLogger(__name__)
 
@@ -33,113 +49,160 @@ def visits_of_clinician(user: AbstractBaseUser) -> QuerySet[Visit]:
 
 
 def visit_stages(visit: Visit) -> list[Stage]:
-    if visit.current_run_id is None:
-        return []
-    attempts = Prefetch("attempts", queryset=Attempt.objects.order_by("number"))
-    return list(
-        Stage.objects.filter(run_id=visit.current_run_id)
-        .select_related("reused_from")
-        .prefetch_related(attempts)
-        .order_by("position")
-    )
-
-
-def visit_usage(visit: Visit) -> dict[str, Any]:
-    """Everything ever spent on the visit, over all its runs and attempts."""
-    totals = LLMCall.objects.filter(stage__run__subject=visit.subject).aggregate(
-        input_tokens=Coalesce(Sum("input_tokens"), 0),
-        output_tokens=Coalesce(Sum("output_tokens"), 0),
-        cost_usd=Coalesce(Sum("cost_usd"), Decimal(0)),
-    )
-    audio = Attempt.objects.filter(stage__run__subject=visit.subject).aggregate(
-        audio_seconds=Coalesce(Sum("audio_seconds"), 0.0)
-    )
-    return {
-        "input_tokens": int(totals["input_tokens"]),
-        "output_tokens": int(totals["output_tokens"]),
-        "cost_usd": float(totals["cost_usd"]),
-        "audio_seconds": round(float(audio["audio_seconds"]), 3),
-    }
-
-
-def _output(stages: list[Stage], name: str) -> dict[str, Any] | None:
-    for stage in stages:
-        if stage.name == name and stage.status == StageStatus.SUCCEEDED:
-            return stage.output
-    return None
+    """The stages of the visit's current run, with their attempts."""
+    return run_stages(visit.current_run_id) if visit.current_run_id else []
 
 
 def visit_transcript(stages: list[Stage]) -> Transcript | None:
-    output = _output(stages, "transcribe")
-    if output is None:
+    transcribed = output_of(stages, "transcribe", TranscribeOutput)
+    if transcribed is None:
         return None
     try:
-        return transcript_load(output)
+        return transcript_load(transcribed)
     except OSError:
         # Storage lost a committed artifact: show the rest of the visit, and tell operators.
         logger.error("the transcript file of a succeeded transcribe stage is missing")
         return None
 
 
-def _iso(value: Any) -> str | None:
+# --- the status document of `visit_status --json` --------------------------------------------
+
+
+class AttemptDoc(BaseModel):
+    number: int
+    status: str
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+    error_code: str | None
+    worker: str
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+
+
+class StageDoc(BaseModel):
+    name: str
+    status: str
+    error: str | None
+    # "permanent" or "exhausted" when the stage failed; None otherwise.
+    failure: str | None
+    reused_from_run: int | None
+    attempts: list[AttemptDoc]
+
+
+class UsageDoc(BaseModel):
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float
+    audio_seconds: float
+
+
+class TranscriptDoc(BaseModel):
+    text: str
+    segments: list[Segment]
+
+
+class VisitStatus(BaseModel):
+    """Everything about a visit's pipeline and its results, as one document."""
+
+    visit: int
+    status: str
+    run: int | None
+    stages: list[StageDoc]
+    usage: UsageDoc
+    transcript: TranscriptDoc | None
+    summary: ClinicalSummary | None
+    note: PostVisitNote | None
+    engine: str | None
+
+    def summary_lines(self) -> list[str]:
+        """A short human reading: the visit's state, each stage, what it cost."""
+        lines = [f"visit {self.visit}: {self.status}"]
+        for stage in self.stages:
+            line = f"  {stage.name:<11} {stage.status:<10} {len(stage.attempts)} attempt(s)"
+            if stage.error:
+                line += f"  {stage.error}"
+            lines.append(line)
+        usage = self.usage
+        lines.append(
+            f"  usage: {usage.input_tokens} tokens in, {usage.output_tokens} out, "
+            f"${usage.cost_usd:.4f}, {usage.audio_seconds:.1f} s of audio"
+        )
+        return lines
+
+
+def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def visit_status_document(visit: Visit) -> dict[str, Any]:
-    """The status document of `visit_status --json` (and `process_recording --json`)."""
-    stages = visit_stages(visit)
+def visit_usage(visit: Visit) -> UsageDoc:
+    """Everything ever spent on the visit, over all its runs and attempts."""
+    spent = usage_totals(subjects=[visit.subject])
+    return UsageDoc(
+        input_tokens=spent.input_tokens,
+        output_tokens=spent.output_tokens,
+        cost_usd=float(spent.cost_usd),
+        audio_seconds=round(spent.audio_seconds, 3),
+    )
+
+
+def visit_status_document(visit: Visit, stages: list[Stage] | None = None) -> VisitStatus:
+    """The status document; pass the current run's `stages` when already loaded."""
+    stages = visit_stages(visit) if stages is None else stages
     transcript = visit_transcript(stages)
-    summary = _output(stages, "summarize")
-    note = _output(stages, "note")
-    return {
-        "visit": visit.pk,
-        "status": visit.current_run.status if visit.current_run else "queued",
-        "run": visit.current_run_id,
-        "stages": [
-            {
-                "name": stage.name,
-                "status": stage.status,
-                "error": stage.error_message or None,
-                "reused_from_run": stage.reused_from.run_id if stage.reused_from else None,
-                "attempts": [
-                    {
-                        "number": attempt.number,
-                        "status": attempt.status,
-                        "started_at": _iso(attempt.started_at),
-                        "finished_at": _iso(attempt.finished_at),
-                        "error": attempt.error_message or None,
-                        "error_code": attempt.error_code or None,
-                        "worker": attempt.worker,
-                        "input_tokens": attempt.input_tokens,
-                        "output_tokens": attempt.output_tokens,
-                        "cost_usd": float(attempt.cost_usd),
-                    }
+    summarized = output_of(stages, "summarize", SummarizeOutput)
+    noted = output_of(stages, "note", NoteOutput)
+    return VisitStatus(
+        visit=visit.pk,
+        status=visit.current_run.status if visit.current_run else "queued",
+        run=visit.current_run_id,
+        stages=[
+            StageDoc(
+                name=stage.name,
+                status=stage.status,
+                error=stage.error_message or None,
+                failure=stage.failure_kind or None,
+                reused_from_run=stage.reused_from.run_id if stage.reused_from else None,
+                attempts=[
+                    AttemptDoc(
+                        number=attempt.number,
+                        status=attempt.status,
+                        started_at=_iso(attempt.started_at),
+                        finished_at=_iso(attempt.finished_at),
+                        error=attempt.error_message or None,
+                        error_code=attempt.error_code or None,
+                        worker=attempt.worker,
+                        input_tokens=attempt.input_tokens,
+                        output_tokens=attempt.output_tokens,
+                        cost_usd=float(attempt.cost_usd),
+                    )
                     for attempt in stage.attempts.all()
                 ],
-            }
+            )
             for stage in stages
         ],
-        "usage": visit_usage(visit),
-        "transcript": (
-            {
-                "text": transcript.text,
-                "segments": [segment.model_dump() for segment in transcript.segments],
-            }
+        usage=visit_usage(visit),
+        transcript=(
+            TranscriptDoc(text=transcript.text, segments=transcript.segments)
             if transcript
             else None
         ),
-        "summary": summary["summary"] if summary else None,
-        "note": note["note"] if note else None,
-        "engine": (note or summary or {}).get("engine"),
-    }
+        summary=summarized.summary if summarized else None,
+        note=noted.note if noted else None,
+        engine=(noted or summarized).engine if (noted or summarized) else None,
+    )
+
+
+# --- note versions ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class NoteVersion:
     run_id: int
-    created_at: Any
+    created_at: datetime
     engine: str
-    note: dict[str, Any]
+    note: PostVisitNote
     signed_by: str | None
     is_current: bool
 
@@ -148,36 +211,31 @@ class NoteVersion:
         return note_lines(self.note)
 
 
-def note_lines(note: dict[str, Any]) -> list[str]:
+def note_lines(note: PostVisitNote) -> list[str]:
     lines = []
-    for section, items in note["soap"].items():
-        lines.append(f"{section.upper()}")
-        lines.extend(f"  - {item['text']}" for item in items)
+    for section, items in note.soap.sections():
+        lines.append(section.upper())
+        lines.extend(f"  - {item.text}" for item in items)
     lines.append("PATIENT SUMMARY")
-    lines.extend(f"  - {item['text']}" for item in note["patient_summary"])
+    lines.extend(f"  - {item.text}" for item in note.patient_summary)
     return lines
 
 
 def visit_note_versions(visit: Visit) -> list[NoteVersion]:
     """Every note the visit's runs produced, oldest first, with who signed which."""
-    stages = (
-        Stage.objects.filter(run__subject=visit.subject, name="note", status=StageStatus.SUCCEEDED)
-        .select_related("run")
-        .order_by("run__created_at", "run_id")
-    )
     signed = dict(
         NoteSignature.objects.filter(visit=visit).values_list("run_id", "signed_by__username")
     )
     return [
         NoteVersion(
-            run_id=stage.run_id,
-            created_at=stage.run.created_at,
-            engine=stage.output.get("engine", ""),
-            note=stage.output["note"],
-            signed_by=signed.get(stage.run_id),
-            is_current=stage.run_id == visit.current_run_id,
+            run_id=version.run_id,
+            created_at=version.created_at,
+            engine=version.output.engine,
+            note=version.output.note,
+            signed_by=signed.get(version.run_id),
+            is_current=version.run_id == visit.current_run_id,
         )
-        for stage in stages
+        for version in stage_outputs_of_subject(visit.subject, "note", NoteOutput)
     ]
 
 

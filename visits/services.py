@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path, PurePath
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
@@ -13,25 +14,29 @@ from django.db import transaction
 from django.template.defaultfilters import filesizeformat
 
 from pipeline import dispatch, executor, store
-from pipeline.models import Run, Stage, StageStatus
+from pipeline.errors import OperationRefused
 from pipeline.operations import (
-    OperationRefused,
     Operator,
-    run_cancel_by,
+    run_cancel,
     run_rerun_from,
     run_retry_failed,
-    run_run_now,
+    run_skip_backoff,
 )
+from pipeline.selectors import run_of_subject, stage_output
 from visits.errors import SUPPORTED_FORMATS, RecordingRejected
 from visits.models import NoteSignature, Visit
+from visits.schemas import NoteOutput
 from visits.stages import VISIT_WORKFLOW
+
+if TYPE_CHECKING:
+    from pipeline.models import Run
 
 RECORDING_EXTENSIONS = frozenset(
     {".wav", ".mp3", ".m4a", ".aac", ".mp4", ".ogg", ".oga", ".opus", ".flac", ".webm"}
 )
 
 
-def recording_check(*, name: str, size: int) -> None:
+def recording_validate(*, name: str, size: int) -> None:
     """Refuse what is certainly not a recording we can take, before storing anything."""
     extension = PurePath(name).suffix.lower()
     if extension not in RECORDING_EXTENSIONS:
@@ -55,7 +60,7 @@ def visit_create(
         name, size = recording.name, recording.stat().st_size
     else:
         name, size = recording.name or "", recording.size or 0
-    recording_check(name=name, size=size)
+    recording_validate(name=name, size=size)
     visit = Visit(
         clinician=clinician, label=label[:200], recording_name=name[:255], recording_bytes=size
     )
@@ -115,8 +120,9 @@ def visit_retry(
     )
 
 
-def visit_run_now(*, visit: Visit, actor: AbstractBaseUser | None, reason: str) -> None:
-    run_run_now(run=_current_run(visit), operator=_operator(actor), reason=reason)
+def visit_skip_backoff(*, visit: Visit, actor: AbstractBaseUser | None, reason: str) -> None:
+    """Run now: the waiting stage of the visit's current run is tried without more delay."""
+    run_skip_backoff(run=_current_run(visit), operator=_operator(actor), reason=reason)
 
 
 def visit_rerun_from(
@@ -144,7 +150,7 @@ def visit_rerun_from(
 
 
 def visit_cancel(*, visit: Visit, actor: AbstractBaseUser | None, reason: str) -> None:
-    run_cancel_by(run=_current_run(visit), operator=_operator(actor), reason=reason)
+    run_cancel(run=_current_run(visit), operator=_operator(actor), reason=reason)
 
 
 def _current_run(visit: Visit) -> Run:
@@ -157,10 +163,8 @@ def note_sign(*, visit: Visit, run_id: int, clinician: AbstractBaseUser) -> Note
     """The visit's clinician signs the note of one of its runs; it is then final."""
     if visit.clinician_id != clinician.pk:
         raise PermissionDenied("Only the visit's clinician can sign its note.")
-    note = Stage.objects.filter(
-        run_id=run_id, run__subject=visit.subject, name="note", status=StageStatus.SUCCEEDED
-    ).first()
-    if note is None:
+    run = run_of_subject(visit.subject, run_id)
+    if run is None or stage_output(run, "note", NoteOutput) is None:
         raise OperationRefused("That run has no finished note to sign.")
     signature, created = NoteSignature.objects.get_or_create(
         run_id=run_id, defaults={"visit": visit, "signed_by": clinician}

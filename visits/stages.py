@@ -2,9 +2,9 @@
 
     ingest -> transcribe -> summarize -> note
 
-Each stage declares here how long one attempt may take, how often it is tried and which of
-its errors are permanent. Everything a stage needs from the ones before comes from their
-committed outputs."""
+Each stage declares here the model of what it returns, how long one attempt may take, how
+often it is tried and which of its errors are permanent. Everything a stage needs from the
+ones before comes from their committed outputs, read back as those models."""
 
 from __future__ import annotations
 
@@ -13,35 +13,47 @@ import time
 from django.conf import settings
 
 from pipeline.context import StageContext, artifact_path
+from pipeline.errors import BudgetExceeded, OutputInvalid
 from pipeline.llm import llm_enabled
 from pipeline.policy import RetryPolicy
 from pipeline.workflow import StageSpec, Workflow
 from visits import audio, offline, prompts, transcription
-from visits.errors import NoSpeechDetected
-from visits.schemas import ClinicalSummary, PostVisitNote, Segment, Transcript, evidence_check
+from visits.errors import EmptyRecording, NoSpeechDetected, RecordingTooLong, UnreadableRecording
+from visits.schemas import (
+    ClinicalSummary,
+    IngestOutput,
+    NoteOutput,
+    PostVisitNote,
+    Segment,
+    SummarizeOutput,
+    TranscribeOutput,
+    Transcript,
+    evidence_check,
+)
 
 # Fewer words than this is no conversation: never let a model invent a visit from it.
 MIN_SPEECH_WORDS = 4
 
 
-def ingest(ctx: StageContext) -> dict[str, object]:
+def ingest(ctx: StageContext) -> IngestOutput:
     """Decode the uploaded recording into 16 kHz mono PCM."""
     source = artifact_path(ctx.input["recording"])
     with ctx.artifact_writer("audio.s16le") as pcm:
         decoded = audio.recording_normalize(source, pcm, max_seconds=settings.RECORDING_MAX_SECONDS)
-    return {
-        "audio": ctx.artifact_ref("audio.s16le"),
-        "sample_rate": audio.SAMPLE_RATE,
-        "duration_seconds": round(decoded.duration_seconds, 3),
-        "source_format": decoded.source_format,
-        "source_bytes": source.stat().st_size,
-    }
+    return IngestOutput(
+        audio=ctx.artifact_ref("audio.s16le"),
+        sample_rate=audio.SAMPLE_RATE,
+        duration_seconds=round(decoded.duration_seconds, 3),
+        source_format=decoded.source_format,
+        source_bytes=source.stat().st_size,
+    )
 
 
-def transcribe(ctx: StageContext) -> dict[str, object]:
+def transcribe(ctx: StageContext) -> TranscribeOutput:
     """Transcribe chunk by chunk; each finished chunk is kept, so a retry starts after it."""
     started = time.monotonic()
-    pcm = audio.pcm_load(artifact_path(ctx.outputs["ingest"]["audio"]))
+    ingested = ctx.output("ingest", IngestOutput)
+    pcm = audio.pcm_load(artifact_path(ingested.audio))
     bounds = transcription.chunk_bounds(pcm, settings.TRANSCRIBE_CHUNK_SECONDS)
     done = ctx.checkpoints(prefix="chunk:")
     raw_segments: list[dict[str, object]] = []
@@ -61,7 +73,7 @@ def transcribe(ctx: StageContext) -> dict[str, object]:
         raw_segments.extend(chunk)
     transcript = Transcript(
         model=transcription.model_choice().name,
-        duration_seconds=ctx.outputs["ingest"]["duration_seconds"],
+        duration_seconds=ingested.duration_seconds,
         segments=[Segment(id=i, **segment) for i, segment in enumerate(raw_segments)],
     )
     ctx.usage.compute_seconds = time.monotonic() - started
@@ -73,59 +85,61 @@ def transcribe(ctx: StageContext) -> dict[str, object]:
         )
     with ctx.artifact_writer("transcript.json", mode="w") as handle:
         handle.write(transcript.model_dump_json())
-    return {
-        "transcript": ctx.artifact_ref("transcript.json"),
-        "model": transcript.model,
-        "segments": len(transcript.segments),
-        "words": transcript.word_count,
-        "chunks": len(bounds),
-        "chunks_reused": reused,
-    }
-
-
-def transcript_load(transcribe_output: dict[str, object]) -> Transcript:
-    return Transcript.model_validate_json(
-        artifact_path(str(transcribe_output["transcript"])).read_text()
+    return TranscribeOutput(
+        transcript=ctx.artifact_ref("transcript.json"),
+        model=transcript.model,
+        segments=len(transcript.segments),
+        words=transcript.word_count,
+        chunks=len(bounds),
+        chunks_reused=reused,
     )
+
+
+def transcript_load(transcribed: TranscribeOutput) -> Transcript:
+    """The transcript file a transcribe stage wrote (OSError if storage lost it)."""
+    return Transcript.model_validate_json(artifact_path(transcribed.transcript).read_text())
 
 
 def _engine_label() -> str:
     return settings.LLM_MODEL if llm_enabled() else offline.ENGINE_LABEL
 
 
-def summarize(ctx: StageContext) -> dict[str, object]:
+def summarize(ctx: StageContext) -> SummarizeOutput:
     """Structured clinical facts, each citing the transcript segments it came from."""
-    transcript = transcript_load(ctx.outputs["transcribe"])
+    transcript = transcript_load(ctx.output("transcribe", TranscribeOutput))
     summary = ctx.llm.complete(
         messages=prompts.summarize_messages(transcript),
         output_type=ClinicalSummary,
         offline=lambda: offline.summarize(transcript),
         check=lambda result: evidence_check(result, transcript),
     )
-    return {"engine": _engine_label(), "summary": summary.model_dump(mode="json")}
+    return SummarizeOutput(engine=_engine_label(), summary=summary)
 
 
-def note(ctx: StageContext) -> dict[str, object]:
+def note(ctx: StageContext) -> NoteOutput:
     """The SOAP note for the chart and the after-visit summary for the patient."""
-    transcript = transcript_load(ctx.outputs["transcribe"])
-    summary = ClinicalSummary.model_validate(ctx.outputs["summarize"]["summary"])
+    transcript = transcript_load(ctx.output("transcribe", TranscribeOutput))
+    summary = ctx.output("summarize", SummarizeOutput).summary
     result = ctx.llm.complete(
         messages=prompts.note_messages(summary),
         output_type=PostVisitNote,
         offline=lambda: offline.write_note(summary),
         check=lambda result: evidence_check(result, transcript),
     )
-    return {"engine": _engine_label(), "note": result.model_dump(mode="json")}
+    return NoteOutput(engine=_engine_label(), note=result)
 
 
 # Provider outages come in minutes, so the LLM stages are patient: six attempts, backing off
-# from 2 s to at most 2 min (about 4 min in all) before an admin is needed.
+# from 2 s to at most 2 min (about 4 min in all) before an admin is needed. An answer that
+# stays invalid after its repair, or a spent budget, needs a person, not another attempt; so
+# does a refused key or request (the gateway raises those as permanent `llm_http_4xx`).
 LLM_STAGE_POLICY = RetryPolicy(
     initial_interval_seconds=2,
     backoff_coefficient=2,
     maximum_interval_seconds=120,
     maximum_attempts=6,
     start_to_close_timeout_seconds=600,
+    non_retryable_error_codes=(OutputInvalid.code, BudgetExceeded.code),
 )
 
 VISIT_WORKFLOW = Workflow(
@@ -135,33 +149,43 @@ VISIT_WORKFLOW = Workflow(
             name="ingest",
             title="Ingest recording",
             run=ingest,
+            output=IngestOutput,
             policy=RetryPolicy(
                 initial_interval_seconds=2,
                 maximum_attempts=3,
                 start_to_close_timeout_seconds=600,
+                non_retryable_error_codes=(
+                    UnreadableRecording.code,
+                    EmptyRecording.code,
+                    RecordingTooLong.code,
+                ),
             ),
         ),
         StageSpec(
             name="transcribe",
             title="Transcribe",
             run=transcribe,
+            output=TranscribeOutput,
             queue=settings.TRANSCRIBE_QUEUE or None,
             policy=RetryPolicy(
                 initial_interval_seconds=5,
                 maximum_attempts=3,
                 start_to_close_timeout_seconds=7200,
+                non_retryable_error_codes=(NoSpeechDetected.code,),
             ),
         ),
         StageSpec(
             name="summarize",
             title="Summarize",
             run=summarize,
+            output=SummarizeOutput,
             policy=LLM_STAGE_POLICY,
         ),
         StageSpec(
             name="note",
             title="Write note",
             run=note,
+            output=NoteOutput,
             policy=LLM_STAGE_POLICY,
         ),
     ),

@@ -13,8 +13,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from pipeline.operations import OperationRefused
-from visits.errors import RecordingRejected
+from pipeline.errors import PipelineError
 from visits.forms import VisitUploadForm
 from visits.selectors import (
     NoteVersion,
@@ -57,7 +56,7 @@ def _visit_upload(request: HttpRequest, limit: RecordingSizeLimit) -> HttpRespon
                 recording=form.cleaned_data["recording"],
                 label=form.cleaned_data["label"],
             )
-        except RecordingRejected as exc:
+        except PipelineError as exc:
             form.add_error("recording", str(exc))
         else:
             visit_start(visit=visit)
@@ -70,13 +69,14 @@ def _visit_upload(request: HttpRequest, limit: RecordingSizeLimit) -> HttpRespon
 @require_GET
 def visit_detail(request: HttpRequest, visit_id: int) -> HttpResponse:
     visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
-    document = visit_status_document(visit)
+    stages = visit_stages(visit)
+    document = visit_status_document(visit, stages)
     versions = visit_note_versions(visit)
     context = {
         "visit": visit,
         "doc": document,
-        "stages": visit_stages(visit),
-        "live": document["status"] in ("queued", "running"),
+        "stages": stages,
+        "live": document.status in ("queued", "running"),
         "versions": versions,
         "current_signature": next(
             (v.signed_by for v in versions if v.is_current and v.signed_by), None
@@ -105,7 +105,7 @@ def note_sign_view(request: HttpRequest, visit_id: int) -> HttpResponse:
         note_sign(visit=visit, run_id=run_id, clinician=request.user)
     except ValueError:
         messages.error(request, "Choose a version of the note to sign.")
-    except (OperationRefused, PermissionDenied) as exc:
+    except (PipelineError, PermissionDenied) as exc:
         messages.error(request, str(exc))
     else:
         messages.success(request, "Note signed. A later re-run makes a new, unsigned version.")

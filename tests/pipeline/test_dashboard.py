@@ -13,6 +13,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from pipeline import charts
+from pipeline.dashboard import Spend, dashboard_get, percentile, window_start
 from pipeline.models import (
     Attempt,
     AttemptStatus,
@@ -24,7 +25,6 @@ from pipeline.models import (
     Stage,
     StageStatus,
 )
-from pipeline.selectors import Spend, dashboard_get, percentile, window_start
 
 pytestmark = pytest.mark.django_db
 

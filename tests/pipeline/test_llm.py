@@ -18,8 +18,9 @@ from openai.lib._parsing._completions import type_to_response_format_param
 from pydantic import BaseModel
 
 from pipeline import prices
-from pipeline.errors import PermanentError, TransientError, is_retryable
+from pipeline.errors import PermanentError, TransientError
 from pipeline.llm import _client, classify_openai_error, request_digest
+from pipeline.policy import is_retryable
 from tests.fakes.llm_server import FakeLLMServer
 
 CLIENT_TIMEOUT_SECONDS = 1.0

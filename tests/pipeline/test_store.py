@@ -8,11 +8,13 @@ from itertools import pairwise
 
 import pytest
 from django.utils import timezone
+from pydantic import BaseModel
 
-from pipeline import checks, executor, store
+from pipeline import checks, executor, recovery, store
 from pipeline.errors import LeaseLost, PermanentError, TransientError
 from pipeline.models import Attempt, AttemptStatus, Run, RunStatus, Stage, StageStatus
 from pipeline.policy import RetryPolicy
+from pipeline.states import FailureKind
 from pipeline.workflow import StageSpec, Workflow, workflow_register
 
 pytestmark = pytest.mark.django_db
@@ -20,18 +22,30 @@ pytestmark = pytest.mark.django_db
 FAST = RetryPolicy(initial_interval_seconds=1, maximum_attempts=3, jitter=0)
 
 
+class Value(BaseModel):
+    value: int
+
+
+class Attempted(BaseModel):
+    attempt: int
+
+
+class Nothing(BaseModel):
+    pass
+
+
 def first(ctx):
-    return {"value": 1}
+    return Value(value=1)
 
 
 def second(ctx):
-    return {"value": ctx.outputs["first"]["value"] + 1}
+    return Value(value=ctx.output("first", Value).value + 1)
 
 
 def flaky(ctx):
     if ctx.attempt_number < 3:
         raise TransientError("the service hiccuped", code="hiccup")
-    return {"attempt": ctx.attempt_number}
+    return Attempted(attempt=ctx.attempt_number)
 
 
 def refused(ctx):
@@ -44,7 +58,7 @@ def buggy(ctx):
 
 def slow(ctx):
     time.sleep(2.5)
-    return {}
+    return Nothing()
 
 
 class Unfixable(Exception):
@@ -59,9 +73,9 @@ def flow(name: str, *middle: StageSpec) -> Workflow:
     workflow = Workflow(
         name=name,
         stages=(
-            StageSpec("first", first, FAST),
+            StageSpec("first", first, FAST, output=Value),
             *middle,
-            StageSpec("last", second if not middle else first, FAST),
+            StageSpec("last", second if not middle else first, FAST, output=Value),
         ),
     )
     workflow_register(workflow)
@@ -102,7 +116,7 @@ def test_a_zombie_cannot_overwrite_the_attempt_that_replaced_it():
     zombie = store.stage_claim(stage_id=stage.id, worker="zombie")
     Stage.objects.filter(id=stage.id).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
 
-    assert [lost.stage_id for lost in store.stages_reap_expired()] == [stage.id]
+    assert [lost.stage_id for lost in recovery.leases_reap()] == [stage.id]
     with pytest.raises(LeaseLost):
         store.stage_heartbeat(zombie)
     fresh = store.stage_claim(stage_id=stage.id, worker="fresh")
@@ -131,7 +145,7 @@ def test_heartbeat_extends_the_lease(settings):
 
 
 def test_transient_errors_are_retried_with_backoff_until_they_pass():
-    workflow = flow("t-flaky", StageSpec("middle", flaky, FAST))
+    workflow = flow("t-flaky", StageSpec("middle", flaky, FAST, output=Attempted))
     run = store.run_create(workflow=workflow, subject="thing:1", input={})
     executor.run_execute_inline(run)
 
@@ -153,7 +167,9 @@ def test_transient_errors_are_retried_with_backoff_until_they_pass():
 def test_a_stage_gives_up_after_its_maximum_attempts():
     policy = RetryPolicy(initial_interval_seconds=1, maximum_attempts=2, jitter=0)
     run = store.run_create(
-        workflow=flow("t-exhaust", StageSpec("middle", flaky, policy)), subject="thing:1", input={}
+        workflow=flow("t-exhaust", StageSpec("middle", flaky, policy, output=Attempted)),
+        subject="thing:1",
+        input={},
     )
     executor.run_execute_inline(run)
 
@@ -166,6 +182,7 @@ def test_a_stage_gives_up_after_its_maximum_attempts():
     ]
     middle = run.stages.get(name="middle")
     assert middle.error_message == "gave up after 2 attempts; last error: the service hiccuped"
+    assert middle.failure_kind == FailureKind.EXHAUSTED
     assert run.error.startswith("middle: gave up after 2 attempts")
 
 
@@ -175,14 +192,14 @@ def test_a_stage_gives_up_after_its_maximum_attempts():
         (refused, FAST, "bad_input"),
         (
             unfixable,
-            RetryPolicy(maximum_attempts=5, non_retryable_errors=(Unfixable,)),
+            RetryPolicy(maximum_attempts=5, non_retryable_error_codes=("Unfixable",)),
             "Unfixable",
         ),
     ],
 )
 def test_permanent_errors_fail_at_once(function, policy, code):
     run = store.run_create(
-        workflow=flow(f"t-perm-{code}", StageSpec("middle", function, policy)),
+        workflow=flow(f"t-perm-{code}", StageSpec("middle", function, policy, output=Attempted)),
         subject="thing:1",
         input={},
     )
@@ -195,11 +212,14 @@ def test_permanent_errors_fail_at_once(function, policy, code):
         1,
         code,
     )
+    assert middle.failure_kind == FailureKind.PERMANENT
 
 
 def test_a_bug_is_retried_within_the_policy_and_its_traceback_kept():
     run = store.run_create(
-        workflow=flow("t-bug", StageSpec("middle", buggy, FAST)), subject="thing:1", input={}
+        workflow=flow("t-bug", StageSpec("middle", buggy, FAST, output=Attempted)),
+        subject="thing:1",
+        input={},
     )
     executor.run_execute_inline(run)
     attempts = Attempt.objects.filter(stage__run=run, stage__name="middle")
@@ -213,7 +233,9 @@ def test_an_attempt_past_its_timeout_fails_as_timed_out(settings):
     settings.PIPELINE_LEASE_SECONDS = 1.0
     policy = RetryPolicy(maximum_attempts=1, start_to_close_timeout_seconds=1.2)
     run = store.run_create(
-        workflow=flow("t-timeout", StageSpec("middle", slow, policy)), subject="thing:1", input={}
+        workflow=flow("t-timeout", StageSpec("middle", slow, policy, output=Attempted)),
+        subject="thing:1",
+        input={},
     )
     executor.run_execute_inline(run)
     middle = run.stages.get(name="middle")
@@ -224,7 +246,7 @@ def test_an_attempt_past_its_timeout_fails_as_timed_out(settings):
 def test_cancel_fences_out_the_running_attempt():
     run = store.run_create(workflow=flow("t-cancel"), subject="thing:1", input={})
     claim = store.stage_claim(stage_id=run.stages.get(name="first").id, worker="w")
-    assert store.run_cancel(run=run, reason="duplicate upload")
+    assert store.run_mark_cancelled(run=run, reason="duplicate upload")
     with pytest.raises(LeaseLost):
         store.attempt_complete(claim, output={})
     run.refresh_from_db()
@@ -252,13 +274,15 @@ def test_a_fork_reuses_outputs_before_its_stage_and_runs_the_rest_anew():
 def test_retry_of_a_failed_run_runs_only_the_failed_stage():
     policy = RetryPolicy(maximum_attempts=2, jitter=0)
     run = store.run_create(
-        workflow=flow("t-retry", StageSpec("middle", flaky, policy)), subject="thing:1", input={}
+        workflow=flow("t-retry", StageSpec("middle", flaky, policy, output=Attempted)),
+        subject="thing:1",
+        input={},
     )
     executor.run_execute_inline(run)
     run.refresh_from_db()
     assert run.status == RunStatus.FAILED
 
-    store.run_retry(run=run)
+    store.stage_reopen_failed(run=run)
     executor.run_execute_inline(run)
     run.refresh_from_db()
     assert run.status == RunStatus.SUCCEEDED

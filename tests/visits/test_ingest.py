@@ -77,7 +77,7 @@ def process(clinician: Any, recording: Path) -> tuple[Visit, dict[str, Any]]:
     visit = visit_create(clinician=clinician, recording=recording)
     visit_start(visit=visit, inline=True)
     visit.refresh_from_db()
-    return visit, visit_status_document(visit)
+    return visit, visit_status_document(visit).model_dump(mode="json")
 
 
 def stage_doc(doc: dict[str, Any], name: str) -> dict[str, Any]:

@@ -86,7 +86,7 @@ def expected_cost(server: FakeLLMServer) -> Decimal:
 
 
 def assert_usage_matches_billing(visit: Visit, server: FakeLLMServer) -> None:
-    usage = visit_status_document(visit)["usage"]
+    usage = visit_status_document(visit).model_dump(mode="json")["usage"]
     assert (usage["input_tokens"], usage["output_tokens"]) == server.billed()
     ledger = LLMCall.objects.filter(stage__run__subject=visit.subject)
     assert sum(call.input_tokens for call in ledger) == server.billed()[0]
@@ -153,7 +153,7 @@ def test_all_ok_bills_each_call_once_and_prices_it(clinician, llm_server):
     assert summarize_attempt.input_tokens == summarize_call.input_tokens
     assert summarize_attempt.cost_usd == summarize_call.cost_usd
 
-    document = visit_status_document(visit)
+    document = visit_status_document(visit).model_dump(mode="json")
     assert document["status"] == RunStatus.SUCCEEDED
     assert document["engine"] == "gpt-4o-mini"
     assert document["summary"] is not None and document["note"] is not None
@@ -280,7 +280,7 @@ def test_refused_credentials_fail_the_run_at_once(clinician, llm_server):
     assert attempts_of(visit, "note") == []
 
     assert faults(llm_server) == ["401"]
-    document = visit_status_document(visit)
+    document = visit_status_document(visit).model_dump(mode="json")
     assert document["status"] == RunStatus.FAILED
     assert document["note"] is None
     assert document["summary"] is None
@@ -343,7 +343,7 @@ def test_malformed_json_twice_fails_permanently(clinician, llm_server):
     assert faults(llm_server) == ["malformed", "malformed"]
     assert llm_server.answered_sent_again() == []
     assert stage_of(visit, "note").status == StageStatus.PENDING
-    assert visit_status_document(visit)["note"] is None
+    assert visit_status_document(visit).model_dump(mode="json")["note"] is None
     assert_usage_matches_billing(visit, llm_server)
 
 
@@ -393,7 +393,7 @@ def test_a_summary_citing_an_unknown_segment_is_repaired(clinician, llm_server):
     ]
     complaint = bodies[1]["messages"][-1]["content"]
     assert "it cites transcript segment ids [999] that do not exist" in complaint
-    summary = visit_status_document(visit)["summary"]
+    summary = visit_status_document(visit).model_dump(mode="json")["summary"]
     assert summary["chief_complaint"]["segment_ids"] == [0]
     assert llm_server.answered_sent_again() == []
 
@@ -413,7 +413,7 @@ def test_a_summary_that_keeps_citing_an_unknown_segment_fails(clinician, llm_ser
     assert summarize.status == StageStatus.FAILED
     assert summarize.attempt_count == 1
     assert summarize.error_code == "output_invalid"
-    segments = len(visit_status_document(visit)["transcript"]["segments"])
+    segments = len(visit_status_document(visit).model_dump(mode="json")["transcript"]["segments"])
     assert summarize.error_message == (
         "the model's ClinicalSummary was still invalid after 1 repair request(s): "
         "it cites transcript segment ids [999] that do not exist "
@@ -447,7 +447,7 @@ def test_run_retry_resends_only_the_call_that_never_got_an_answer(clinician, llm
     assert "OPENAI_API_KEY" in note.error_message
     assert faults(llm_server) == ["ok", "malformed", "401"]
 
-    retried = store.run_retry(run=visit.current_run)
+    retried = store.stage_reopen_failed(run=visit.current_run)
     assert retried is not None and retried.name == "note"
     visit_start(visit=visit, inline=True)
     visit.current_run.refresh_from_db()
@@ -468,7 +468,7 @@ def test_run_retry_resends_only_the_call_that_never_got_an_answer(clinician, llm
     ]
     assert [c.attempt.number for c in calls_of(visit, "note")] == [1, 2]
     assert note_attempts[1].input_tokens == repair.prompt_tokens
-    assert visit_status_document(visit)["note"] is not None
+    assert visit_status_document(visit).model_dump(mode="json")["note"] is not None
     assert_usage_matches_billing(visit, llm_server)
 
 
@@ -492,7 +492,7 @@ def test_token_budget_stops_the_next_llm_stage_permanently(clinician, llm_server
     (attempt,) = attempts_of(visit, "note")
     assert (attempt.status, attempt.error_code) == (AttemptStatus.FAILED, "budget_exceeded")
     assert faults(llm_server) == ["ok"]  # the note's request was never sent
-    assert visit_status_document(visit)["note"] is None
+    assert visit_status_document(visit).model_dump(mode="json")["note"] is None
 
 
 # --- no key: the offline engine -------------------------------------------------------------
@@ -509,7 +509,7 @@ def test_offline_engine_runs_without_a_model(clinician, settings):
     for call in calls:
         assert call.model == "offline-engine"
         assert (call.input_tokens, call.output_tokens, call.cost_usd) == (0, 0, Decimal(0))
-    document = visit_status_document(visit)
+    document = visit_status_document(visit).model_dump(mode="json")
     assert document["engine"] == offline.ENGINE_LABEL
     assert "offline" in document["engine"]
     assert document["note"] is not None

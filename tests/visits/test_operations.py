@@ -10,8 +10,8 @@ from django.core.exceptions import PermissionDenied
 from django.core.management import CommandError, call_command
 from django.urls import reverse
 
+from pipeline.errors import OperationRefused
 from pipeline.models import Attempt, AuditEntry, LLMCall, Run, RunStatus, Stage, StageStatus
-from pipeline.operations import OperationRefused
 from pipeline.store import run_create
 from tests.conftest import SHORT_VISIT
 from visits.models import Visit

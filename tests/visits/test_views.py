@@ -121,7 +121,7 @@ def test_upload_creates_visit_and_enqueues_pipeline_without_running_it(
     ingest = Stage.objects.get(run=visit.current_run, name="ingest")
     assert ingest.attempt_count == 0
     assert ingest.enqueued_at is not None
-    assert visit_status_document(visit)["status"] == "queued"
+    assert visit_status_document(visit).model_dump(mode="json")["status"] == "queued"
     (message,) = OrmQ.objects.all()
     task = message.task
     assert task["func"] == TASK_STAGE_EXECUTE
@@ -349,7 +349,7 @@ def test_detail_of_processed_visit_shows_transcript_summary_note_and_offline_ban
 ):
     visit = visit_create(clinician=clinician, recording=SHORT_VISIT)
     visit_start(visit=visit, inline=True)
-    doc = visit_status_document(visit)
+    doc = visit_status_document(visit).model_dump(mode="json")
     assert doc["status"] == "succeeded", doc
     client.force_login(clinician)
 

@@ -4,8 +4,7 @@ from typing import Any
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from visits.errors import RecordingRejected
-from visits.management.commands.visit_status import write_status
+from visits.management.output import refusals_as_command_errors, status_write
 from visits.services import visit_create, visit_start
 
 CLI_CLINICIAN = "pipeline-cli"
@@ -47,13 +46,11 @@ class Command(BaseCommand):
         except OSError as exc:
             raise CommandError(f"{path}: cannot be read ({exc.strerror}).") from exc
         owner = _clinician(clinician)
-        try:
+        with refusals_as_command_errors():
             visit = visit_create(clinician=owner, recording=path)
-        except RecordingRejected as exc:
-            raise CommandError(str(exc)) from exc
         visit_start(visit=visit, inline=inline)
         visit.refresh_from_db()
-        write_status(self, visit, as_json=options["json"])
+        status_write(self, visit, as_json=options["json"])
 
 
 def _clinician(username: str | None) -> Any:

@@ -4,9 +4,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
-from django.utils.dateparse import parse_date, parse_datetime
+from tqdm import tqdm
 
-from pipeline.models import RunStatus
+from pipeline.states import RunStatus
 from visits.reprocess import (
     VisitPlan,
     reprocess_execute,
@@ -86,12 +86,13 @@ class Command(BaseCommand):
         self._print_plan(plans)
         if options["dry_run"]:
             return
+        # On a terminal, a progress bar on stderr; nothing when the output is piped or logged.
+        progress = tqdm(plans, unit="visit", file=sys.stderr, disable=not self.stdout.isatty())
         outcome = reprocess_execute(
-            plans,
+            progress,
             from_stage=options["from_stage"],
             reason=options["reason"],
             inline=options["inline"],
-            progress=self._progress(len(plans)),
         )
         for line in outcome.refused:
             self.stdout.write(self.style.WARNING(f"skipped {line}"))
@@ -120,32 +121,11 @@ class Command(BaseCommand):
             f"plan: {sum(not p.skip_reason for p in plans)} visit(s), ~{total} tokens estimated"
         )
 
-    def _progress(self, total: int) -> Any:
-        if not sys.stderr.isatty():
-            return None
-
-        def show(index: int, plan: VisitPlan) -> None:
-            filled = round(30 * index / total)
-            sys.stderr.write(
-                f"\r[{'#' * filled}{'.' * (30 - filled)}] {index}/{total} visit {plan.visit.pk} "
-            )
-            if index == total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
-
-        return show
-
 
 def _parse_since(value: str) -> datetime:
+    """A date (midnight, local time) or a date and time, in ISO 8601."""
     try:
-        parsed = parse_datetime(value)
-        day = parse_date(value) if parsed is None else None
+        parsed = datetime.fromisoformat(value)
     except ValueError:
-        parsed = day = None
-    if parsed is None:
-        if day is None:
-            raise CommandError(f"--since {value!r} is not a date; use YYYY-MM-DD.")
-        parsed = datetime(day.year, day.month, day.day)  # noqa: DTZ001 (made aware below)
-    if timezone.is_naive(parsed):
-        parsed = timezone.make_aware(parsed)
-    return parsed
+        raise CommandError(f"--since {value!r} is not a date; use YYYY-MM-DD.") from None
+    return timezone.make_aware(parsed) if timezone.is_naive(parsed) else parsed
