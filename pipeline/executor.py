@@ -50,8 +50,9 @@ def _attempt_run(claim: store.Claim) -> int | None:
     with Heartbeat(claim) as heartbeat:
         ctx = StageContext(claim, heartbeat)
         try:
-            output = spec.output_dump(spec.run(ctx))
+            returned = spec.run(ctx)
             heartbeat.check()
+            output = spec.output_dump(returned)
             ctx.usage.compute_seconds = ctx.usage.compute_seconds or time.monotonic() - started
             next_stage = store.attempt_complete(claim, output=output, usage=ctx.usage)
         except LeaseLost:

@@ -102,14 +102,14 @@ def _tokens(text: str) -> int:
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = True  # a held ("timeout") request must not keep the test process alive
+    # Neither exiting the process nor stopping the server waits for a held ("timeout") request.
+    daemon_threads = True
     block_on_close = False
-    request_queue_size = 64  # parallel workers must not see refused connections
 
     def __init__(self, fake: FakeLLMServer) -> None:
         self.fake = fake
-        # The SDK keeps connections alive; stop() closes them so that no handler thread outlives
-        # the server and answers a pooled connection from a later test.
+        # The SDK keeps connections alive; stopping closes them so that no handler thread outlives
+        # the server and answers a pooled connection on behalf of a stopped fake.
         self.connections: set[socket.socket] = set()
         self.connections_lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Handler)

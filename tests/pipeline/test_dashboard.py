@@ -25,6 +25,7 @@ from pipeline.models import (
     Stage,
     StageStatus,
 )
+from pipeline.states import FailureKind
 
 pytestmark = pytest.mark.django_db
 
@@ -47,7 +48,13 @@ def make_run(*, forked_from: Run | None = None, fork_stage: str = "", workflow: 
 
 
 def make_stage(
-    run: Run, name: str, *, status: str = StageStatus.SUCCEEDED, error_code: str = "", at=None
+    run: Run,
+    name: str,
+    *,
+    status: str = StageStatus.SUCCEEDED,
+    error_code: str = "",
+    at=None,
+    failure_kind: str = FailureKind.PERMANENT,
 ) -> Stage:
     return Stage.objects.create(
         run=run,
@@ -55,6 +62,7 @@ def make_stage(
         position=STAGES.index(name) if name in STAGES else 0,
         status=status,
         error_code=error_code,
+        failure_kind=failure_kind if status == StageStatus.FAILED else "",
         finished_at=at or timezone.now(),
     )
 
@@ -244,16 +252,24 @@ def test_failures_by_stage_and_error_type():
     board = dashboard_get(days=30)
 
     rows = [
-        (r.stage, r.error_code, r.failed_attempts, r.lost_attempts, r.stages_gave_up)
+        (
+            r.stage,
+            r.error_code,
+            r.failed_attempts,
+            r.lost_attempts,
+            r.stages_failed_permanently,
+            r.stages_gave_up,
+        )
         for r in board.failures
     ]
     assert rows == [
-        ("summarize", "lease_lost", 0, 1, 0),
-        ("summarize", "rate_limited", 2, 0, 0),
-        ("note", "output_invalid", 1, 0, 1),
+        ("summarize", "lease_lost", 0, 1, 0, 0),
+        ("summarize", "rate_limited", 2, 0, 0, 0),
+        ("note", "output_invalid", 1, 0, 1, 0),
     ]
     total = board.failures_total
-    assert (total.failed_attempts, total.lost_attempts, total.stages_gave_up) == (3, 1, 1)
+    assert (total.failed_attempts, total.lost_attempts) == (3, 1)
+    assert (total.stages_failed_permanently, total.stages_gave_up) == (1, 0)
     stages = {r.label: r for r in board.stages}
     assert (stages["summarize"].failed, stages["summarize"].lost) == (2, 1)
     assert (stages["summarize"].retries, stages["summarize"].recovered) == (3, 1)
@@ -322,7 +338,13 @@ def test_audio_hours_and_saved_by_resume_sums():
 
 def test_only_rows_inside_the_window_count():
     run = make_run()
-    stage = make_stage(run, "summarize", status=StageStatus.FAILED, error_code="boom")
+    stage = make_stage(
+        run,
+        "summarize",
+        status=StageStatus.FAILED,
+        error_code="boom",
+        failure_kind=FailureKind.EXHAUSTED,
+    )
     old = make_attempt(stage, 1, at=days_ago(40), status=AttemptStatus.FAILED, error_code="boom")
     recent = make_attempt(stage, 2, at=days_ago(10), saved_input_tokens=7)
     today = make_attempt(stage, 3, at=days_ago(0), status=AttemptStatus.FAILED, error_code="boom")

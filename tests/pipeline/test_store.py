@@ -233,7 +233,7 @@ def test_an_attempt_past_its_timeout_fails_as_timed_out(settings):
     settings.PIPELINE_LEASE_SECONDS = 1.0
     policy = RetryPolicy(maximum_attempts=1, start_to_close_timeout_seconds=1.2)
     run = store.run_create(
-        workflow=flow("t-timeout", StageSpec("middle", slow, policy, output=Attempted)),
+        workflow=flow("t-timeout", StageSpec("middle", slow, policy, output=Nothing)),
         subject="thing:1",
         input={},
     )

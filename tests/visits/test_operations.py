@@ -222,7 +222,7 @@ def test_admin_lists_render_1000_visits_in_a_bounded_number_of_queries(
     for index in range(1000):
         runs.append(run_create(workflow=VISIT_WORKFLOW, subject=f"visit:{index}", input={}))
     Stage.objects.filter(run__in=runs[::3], name="ingest").update(
-        status=StageStatus.FAILED, error_code="unreadable_recording"
+        status=StageStatus.FAILED, error_code="unreadable_recording", failure_kind="permanent"
     )
     Visit.objects.bulk_create(
         Visit(
