@@ -1,5 +1,12 @@
 """Small charts rendered on the server as inline SVG: no JavaScript, no CDN, no internet.
 
+Why hand-written rather than a library: the dashboard needs two chart types (grouped bars and
+one line) on a staff page that must work offline and under a strict Content-Security-Policy.
+Chart.js would add a JavaScript bundle, a client-side data feed and a script exception to the
+policy; pygal would add a dependency whose SVG carries its own scripts and styles, to replace
+about 150 lines that have tests and no open bugs. We keep these; if the dashboard grows
+beyond a few chart types, pygal is the one to take.
+
 Each function returns a `<figure>` holding an accessible SVG (a title, one `<title>` tooltip per
 mark with the exact number) and a legend. Colours come from CSS classes (`series-0`, ...) in
 `static/css/app.css`; every piece of text is escaped.

@@ -5,6 +5,7 @@ whole in memory."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import IO
 
@@ -93,15 +94,11 @@ def _declared_seconds(
 
 
 def _too_long_message(seconds: float, max_seconds: float) -> str:
+    # str(timedelta) reads as h:mm:ss.
+    length, limit = (timedelta(seconds=round(value)) for value in (seconds, max_seconds))
     return (
-        f"The recording is {_clock(seconds)} long; the limit is {_clock(max_seconds)}. "
-        "Split it into shorter recordings."
+        f"The recording is {length} long; the limit is {limit}. Split it into shorter recordings."
     )
-
-
-def _clock(seconds: float) -> str:
-    whole = round(seconds)
-    return f"{whole // 3600}:{whole // 60 % 60:02d}:{whole % 60:02d}"
 
 
 def _reason(exc: BaseException) -> str:
