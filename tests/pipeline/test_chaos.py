@@ -1,6 +1,6 @@
 """Chaos: twenty visits on two real clusters while the LLM provider misbehaves, clusters are
 SIGKILLed and replaced, and their database connections are cut. Afterwards nothing is lost,
-nothing was paid for twice and nothing half-written is left (issue "Prove it").
+nothing was paid for twice and nothing half-written is left.
 
 How it stays robust (the numbers, so that a failure means a broken promise, not bad luck):
 

@@ -1,5 +1,5 @@
 """The same durability on django-q2's Redis broker: the path for sites that run clusters on
-several hosts (DESIGN.md, "django-q2, used safely").
+several hosts.
 
 django-q2 reads its configuration once, at import, so this process (configured for the ORM
 broker) never enqueues: every process that talks to the queue is a child with the Redis

@@ -1,5 +1,5 @@
 """Bad input, generated: random bytes, real recordings cut at random points, right bytes under
-wrong names, absurd sample rates and lengths, headers that lie (issue "Prove it", "Bad input").
+wrong names, absurd sample rates and lengths, headers that lie.
 
 Properties:
 * `recording_normalize` returns a decoded recording or raises one of the permanent errors of

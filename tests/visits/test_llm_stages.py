@@ -1,7 +1,7 @@
 """The openai path through the real pipeline: a real recording, real faster-whisper, and the
 loopback chat-completions server with injected faults.
 
-What these prove is the product's promise (DESIGN.md, "The durable contract" 4 and 5): the
+What these prove is the product's promise: the
 engine owns retries (transient faults retry with backoff, permanent ones stop at once with a
 message that says what to fix), and an answered model call is never paid for twice, neither
 inside an attempt nor across attempts or a retry of the run."""
