@@ -89,7 +89,7 @@ def _instance(schema: Mapping[str, Any], defs: Mapping[str, Any]) -> Any:
         return _instance(defs[schema["$ref"].rsplit("/", 1)[1]], defs)
     if "anyOf" in schema:  # pydantic puts the null branch of `X | None` last
         return _instance(schema["anyOf"][0], defs)
-    kind = schema.get("type")
+    kind: str = schema.get("type", "")
     if kind == "object":
         return {name: _instance(prop, defs) for name, prop in schema["properties"].items()}
     if kind == "array":  # one item, to satisfy `min_length=1` on segment_ids
@@ -312,13 +312,13 @@ class FakeLLMServer:
             content = content[: len(content) // 2]
         prompt_tokens = _tokens(json.dumps(body["messages"]))
         completion_tokens = _tokens(content)
-        message = {"role": "assistant", "content": content, "refusal": None}
+        answer = {"role": "assistant", "content": content, "refusal": None}
         completion = {
             "id": "chatcmpl-fake",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": body["model"],
-            "choices": [{"index": 0, "message": message, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": answer, "finish_reason": "stop"}],
             "usage": {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,

@@ -13,6 +13,7 @@ import openai
 import pydantic
 import pytest
 from openai import OpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from visits.schemas import ClinicalSummary, PostVisitNote
 
@@ -50,7 +51,7 @@ def ask(client: OpenAI, text: str = "hello") -> str:
 def test_default_answer_parses_as_the_products_schemas_and_is_billed(
     server: FakeLLMServer, client: OpenAI, schema: type[pydantic.BaseModel]
 ) -> None:
-    messages = [{"role": "user", "content": "Summarise the visit."}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Summarise."}]
     completion = client.chat.completions.parse(
         model="gpt-test", messages=messages, response_format=schema
     )

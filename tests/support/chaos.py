@@ -29,7 +29,8 @@ from django.db import connection, connections
 
 from pipeline import recovery
 from pipeline.llm import OFFLINE_MODEL
-from pipeline.models import Attempt, AttemptStatus, LLMCall
+from pipeline.models import Attempt, LLMCall
+from pipeline.states import AttemptStatus
 from tests.fakes.llm_server import FakeLLMServer, default_content, request_digest
 from tests.support.cluster import Cluster
 from visits import audio
@@ -57,7 +58,7 @@ class ChaosLLMServer(FakeLLMServer):
       run of six failures in a row (0.25**6 per stage) fails a stage permanently by design.
     * a repair request (one that carries the model's earlier, invalid answer) is never answered
       with malformed JSON: two invalid answers in a row are, by design, a permanent failure
-      (DESIGN.md point 5) and that path has its own test.
+      and that path has its own test.
     * `held()` freezes the bookkeeping so that a killer can wait for a moment when no answer is
       on its way to a worker that has not yet put it in the ledger (see `Chaos.kill`).
     """
