@@ -31,12 +31,14 @@ run: install
 test: install
 	$(BIN)/python -m pytest
 
+## lint: ruff, then mypy (its settings and the checked packages are in pyproject.toml).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache .mypy_cache
 
 ## bench: the benchmarks in bench/ (results go to BENCHMARKS.md by hand, with the machine).
 bench: install

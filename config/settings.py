@@ -7,6 +7,7 @@ and DATABASE_URL (PostgreSQL), and OPENAI_API_KEY for a real model.
 """
 
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
@@ -162,7 +163,7 @@ PIPELINE_RETRY_INTERVAL_SCALE = env_float("PIPELINE_RETRY_INTERVAL_SCALE", 1.0)
 
 # --- django-q2: a transport only; the engine owns retries -----------------------------------
 Q_BROKER = env_str("Q_BROKER", "orm")
-Q_CLUSTER = {
+Q_CLUSTER: dict[str, Any] = {
     # The site's name: django-q2 signs messages with it, so every cluster of the site shares
     # it. Q_CLUSTER_NAME (read by django-q2 itself) picks the queue a cluster serves instead,
     # e.g. Q_CLUSTER_NAME=transcribe on dedicated transcription hosts.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.contrib import admin
 from django.db.models import QuerySet
@@ -13,8 +13,17 @@ from django.utils.html import format_html
 from pipeline.models import Attempt, AuditEntry, LLMCall, Run, Stage
 from pipeline.selectors import STAGE_STATES, filter_stage_state
 
+if TYPE_CHECKING:
+    # django-stubs makes the admin classes generic in their model; Django's own classes cannot
+    # be subscripted at run time, so the parameters exist only for the type checker.
+    _ModelAdmin = admin.ModelAdmin[Any]
+    _TabularInline = admin.TabularInline[Any, Any]
+else:
+    _ModelAdmin = admin.ModelAdmin
+    _TabularInline = admin.TabularInline
 
-class ReadOnlyAdmin(admin.ModelAdmin):
+
+class ReadOnlyAdmin(_ModelAdmin):
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
@@ -28,7 +37,7 @@ class ReadOnlyAdmin(admin.ModelAdmin):
         return [field.name for field in self.model._meta.fields]
 
 
-class ReadOnlyInline(admin.TabularInline):
+class ReadOnlyInline(_TabularInline):
     extra = 0
     can_delete = False
     show_change_link = True
@@ -72,7 +81,7 @@ def attempt_duration(self: Any, attempt: Attempt) -> str:
 
 class AttemptInline(ReadOnlyInline):
     model = Attempt
-    fields = [
+    fields = (
         "number",
         "status",
         "worker",
@@ -84,7 +93,7 @@ class AttemptInline(ReadOnlyInline):
         "output_tokens",
         "cost_usd",
         "traceback",
-    ]
+    )
     readonly_fields = fields
 
     duration = attempt_duration
@@ -92,7 +101,7 @@ class AttemptInline(ReadOnlyInline):
 
 class StageInline(ReadOnlyInline):
     model = Stage
-    fields = [
+    fields = (
         "name",
         "status",
         "failure_kind",
@@ -100,7 +109,7 @@ class StageInline(ReadOnlyInline):
         "next_attempt_at",
         "error_code",
         "reused_from",
-    ]
+    )
     readonly_fields = fields
 
 

@@ -58,7 +58,7 @@ def nice_ceiling(value: float) -> float:
     """The smallest of 1, 2, 2.5, 5 times a power of ten that is at least `value` (1 for 0)."""
     if value <= 0:
         return 1.0
-    power = 10 ** math.floor(math.log10(value))
+    power: float = 10 ** math.floor(math.log10(value))
     for step in (1, 2, 2.5, 5, 10):
         if step * power >= value * (1 - 1e-9):
             return step * power
@@ -126,7 +126,7 @@ def bar_chart(
     bar = max(band * 0.7, 1.0)
     for i, label in enumerate(labels):
         x = _LEFT + band * i + (band - bar) / 2
-        base = _TOP + plot_h
+        base: float = _TOP + plot_h
         for k, s in enumerate(series):
             value = float(s.values[i])
             if value <= 0:

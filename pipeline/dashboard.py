@@ -31,6 +31,7 @@ from django.db.models import (
     FloatField,
     Min,
     Q,
+    QuerySet,
 )
 from django.db.models.functions import TruncDate
 from django.utils import timezone
@@ -194,7 +195,7 @@ def _spend(label: str, row: dict[str, Any]) -> Spend:
     )
 
 
-def _calls(since: datetime):
+def _calls(since: datetime) -> QuerySet[LLMCall]:
     return LLMCall.objects.filter(created_at__gte=since).order_by()
 
 
@@ -253,7 +254,7 @@ def _spend_sum(label: str, rows: list[Spend]) -> Spend:
 # --- attempts: outcomes, retries, audio, saved by resume, durations --------------------------
 
 
-def _attempts(since: datetime):
+def _attempts(since: datetime) -> QuerySet[Attempt]:
     return Attempt.objects.filter(started_at__gte=since).order_by()
 
 
@@ -321,6 +322,7 @@ def attempt_duration_percentiles(
     for workflow, name, started_at, finished_at in succeeded.values_list(
         "stage__run__workflow", "stage__name", "started_at", "finished_at"
     ):
+        assert finished_at is not None  # the filter above is finished_at__isnull=False
         durations[(workflow, name)].append((finished_at - started_at).total_seconds())
     result = {}
     for key, values in durations.items():

@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -20,6 +20,7 @@ import openai
 from django.conf import settings
 from django.utils import timezone
 from openai.lib._parsing._completions import type_to_response_format_param
+from openai.types.chat import ChatCompletionMessageParam
 from pydantic import BaseModel, ValidationError
 
 from pipeline import prices, store
@@ -38,7 +39,7 @@ OFFLINE_MODEL = "offline-engine"
 _TRANSIENT_STATUSES = frozenset({408, 409, 429})
 
 
-def request_digest(model: str, messages: list[dict[str, Any]], response_format: Any) -> str:
+def request_digest(model: str, messages: Sequence[Mapping[str, Any]], response_format: Any) -> str:
     canonical = json.dumps(
         {"model": model, "messages": messages, "response_format": response_format},
         sort_keys=True,
@@ -104,7 +105,7 @@ class LLMGateway:
     def complete(
         self,
         *,
-        messages: list[dict[str, Any]],
+        messages: list[ChatCompletionMessageParam],
         output_type: type[T],
         offline: Callable[[], T],
         check: Callable[[T], None] | None = None,
@@ -146,7 +147,10 @@ class LLMGateway:
         )
 
     def _offline(
-        self, output_type: type[T], offline: Callable[[], T], messages: list[dict[str, Any]]
+        self,
+        output_type: type[T],
+        offline: Callable[[], T],
+        messages: list[ChatCompletionMessageParam],
     ) -> T:
         digest = request_digest(OFFLINE_MODEL, messages, output_type.__name__)
         found = store.llm_call_find(self._ctx.claim, digest=digest)
@@ -167,7 +171,9 @@ class LLMGateway:
         )
         return result
 
-    def _call(self, model: str, messages: list[dict[str, Any]], response_format: Any) -> str:
+    def _call(
+        self, model: str, messages: list[ChatCompletionMessageParam], response_format: Any
+    ) -> str:
         """One request, sent only if no earlier attempt of this stage got its answer."""
         claim = self._ctx.claim
         digest = request_digest(model, messages, response_format)

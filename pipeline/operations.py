@@ -14,8 +14,8 @@ from django.db import transaction
 from pipeline import dispatch, executor, store
 from pipeline.errors import OperationRefused
 from pipeline.models import OperatorAction, Run, Stage
-from pipeline.selectors import run_failed_stage
-from pipeline.states import RunStatus, StageStatus
+from pipeline.selectors import run_failed_stage, run_succeeded_stage_names
+from pipeline.states import RunStatus
 from pipeline.workflow import workflow_get
 
 
@@ -103,7 +103,7 @@ def run_rerun_plan(run: Run, stage_name: str) -> tuple[list[str], list[str]]:
             f"Run {run.pk} is still {run.status}; cancel it or wait for it before re-running."
         )
     at = names.index(stage_name)
-    succeeded = set(run.stages.filter(status=StageStatus.SUCCEEDED).values_list("name", flat=True))
+    succeeded = run_succeeded_stage_names(run)
     missing = [name for name in names[:at] if name not in succeeded]
     if missing:
         raise OperationRefused(

@@ -213,6 +213,11 @@ def stage_outputs_of_subject(subject: str, name: str, as_type: type[OutputT]) ->
     ]
 
 
+def run_succeeded_stage_names(run: Run) -> set[str]:
+    """Names of the run's stages that have a committed output (their own or a reused one)."""
+    return set(run.stages.filter(status=StageStatus.SUCCEEDED).values_list("name", flat=True))
+
+
 def run_failed_stage(run: Run) -> Stage | None:
     """The stage that failed the run (the first, should there be more), or None."""
     return run.stages.filter(status=StageStatus.FAILED).order_by("position").first()
@@ -225,11 +230,12 @@ def with_failed_stage(queryset: QuerySet[M], *, via: str) -> QuerySet[M]:
     """Annotate rows of a domain model with the name and error code of the failed stage of the
     run their foreign key `via` points at: `failed_stage_name`, `failed_error_code`."""
     failed = Stage.objects.filter(run=OuterRef(via), status=StageStatus.FAILED).order_by("position")
-    return queryset.annotate(
+    annotated: QuerySet[M] = queryset.annotate(
         failed_stage_name=Subquery(failed.values("name")[:1]),
         failed_error_code=Subquery(failed.values("error_code")[:1]),
         failed_kind=Subquery(failed.values("failure_kind")[:1]),
     )
+    return annotated
 
 
 def filter_failed_at(
@@ -242,7 +248,7 @@ def filter_failed_at(
 ) -> QuerySet[M]:
     """Rows whose run (foreign key `via`) has a failed stage matching what is given."""
     prefix = f"{via}__stages__"
-    conditions = {f"{prefix}status": StageStatus.FAILED}
+    conditions: dict[str, str] = {f"{prefix}status": StageStatus.FAILED}
     for field, value in (
         ("name", stage_name),
         ("error_code", error_code),

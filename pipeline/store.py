@@ -442,19 +442,23 @@ def stages_lease_expired() -> list[ExpiredLease]:
             stage_id__in=[row["id"] for row in rows], status=AttemptStatus.RUNNING
         ).values_list("stage_id", "started_at")
     )
-    return [
-        ExpiredLease(
-            stage_id=row["id"],
-            run_id=row["run_id"],
-            workflow=row["run__workflow"],
-            stage_name=row["name"],
-            attempt_number=row["attempt_count"],
-            worker=row["lease_owner"],
-            lease_expires_at=row["lease_expires_at"],
-            attempt_started_at=started.get(row["id"], row["lease_expires_at"]),
+    expired = []
+    for row in rows:
+        lease_expires_at = row["lease_expires_at"]
+        assert lease_expires_at is not None  # the filter above is lease_expires_at__lt=now
+        expired.append(
+            ExpiredLease(
+                stage_id=row["id"],
+                run_id=row["run_id"],
+                workflow=row["run__workflow"],
+                stage_name=row["name"],
+                attempt_number=row["attempt_count"],
+                worker=row["lease_owner"],
+                lease_expires_at=lease_expires_at,
+                attempt_started_at=started.get(row["id"], lease_expires_at),
+            )
         )
-        for row in rows
-    ]
+    return expired
 
 
 def stage_reap(expired: ExpiredLease, failure: Failure, decision: Decision) -> Stage | None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import wraps
+from typing import Any
 
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -14,13 +16,15 @@ from pipeline.dashboard import DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS, Dashboard, 
 
 WINDOW_CHOICES = (1, 7, 30, 90)
 
+View = Callable[..., HttpResponse]
 
-def staff_required(view):
+
+def staff_required(view: View) -> View:
     """Anonymous users go to the login page; signed-in users who are not staff get a 403."""
 
     @wraps(view)
     @login_required
-    def wrapper(request: HttpRequest, *args, **kwargs) -> HttpResponse:
+    def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
         if not request.user.is_staff:
             raise PermissionDenied("The operations dashboard is for staff.")
         return view(request, *args, **kwargs)

@@ -1,3 +1,5 @@
+from typing import Any
+
 from django import forms
 from django.conf import settings
 from django.template.defaultfilters import filesizeformat
@@ -17,7 +19,7 @@ class VisitUploadForm(forms.Form):
         widget=forms.ClearableFileInput(attrs={"accept": ",".join(sorted(RECORDING_EXTENSIONS))}),
     )
 
-    def __init__(self, *args: object, too_large: bool = False, **kwargs: object) -> None:
+    def __init__(self, *args: Any, too_large: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.too_large = too_large
         if too_large:
@@ -35,7 +37,7 @@ class VisitUploadForm(forms.Form):
             raise forms.ValidationError(str(exc)) from exc
         return recording
 
-    def clean(self) -> dict[str, object]:
+    def clean(self) -> dict[str, Any] | None:
         if self.too_large:
             limit = filesizeformat(settings.RECORDING_MAX_BYTES)
             self.add_error(

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from openai.types.chat import ChatCompletionMessageParam
+
 from visits.schemas import ClinicalSummary, Transcript
 
 SUMMARIZE_SYSTEM = (
@@ -28,14 +30,14 @@ def transcript_for_prompt(transcript: Transcript) -> str:
     )
 
 
-def summarize_messages(transcript: Transcript) -> list[dict[str, str]]:
+def summarize_messages(transcript: Transcript) -> list[ChatCompletionMessageParam]:
     return [
         {"role": "system", "content": SUMMARIZE_SYSTEM},
         {"role": "user", "content": "Transcript:\n" + transcript_for_prompt(transcript)},
     ]
 
 
-def note_messages(summary: ClinicalSummary) -> list[dict[str, str]]:
+def note_messages(summary: ClinicalSummary) -> list[ChatCompletionMessageParam]:
     facts = json.dumps(summary.model_dump(mode="json"), indent=1, sort_keys=True)
     return [
         {"role": "system", "content": NOTE_SYSTEM},

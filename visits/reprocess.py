@@ -114,7 +114,9 @@ def reprocess_execute(
             continue
         touched.append(plan.visit)
         plan.visit.refresh_from_db()
-        status = plan.visit.current_run.status
+        run = plan.visit.current_run
+        assert run is not None  # retrying or re-running needs the current run, and keeps one
+        status = run.status
         if status == RunStatus.SUCCEEDED:
             outcome.succeeded += 1
         elif status in (RunStatus.FAILED, RunStatus.CANCELLED):

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 from pydantic import BaseModel
 
@@ -31,12 +30,14 @@ from visits.schemas import (
 from visits.stages import transcript_load
 
 if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
     from pipeline.models import Stage
 
 logger = logging.getLogger(__name__)
 
 
-def visits_visible_to(user: AbstractBaseUser) -> QuerySet[Visit]:
+def visits_visible_to(user: User) -> QuerySet[Visit]:
     """A clinician sees their own visits; staff with the view permission see all."""
     visits = Visit.objects.select_related("current_run", "clinician")
     if user.is_staff and user.has_perm("visits.view_visit"):
@@ -44,7 +45,7 @@ def visits_visible_to(user: AbstractBaseUser) -> QuerySet[Visit]:
     return visits.filter(clinician=user)
 
 
-def visits_of_clinician(user: AbstractBaseUser) -> QuerySet[Visit]:
+def visits_of_clinician(user: User) -> QuerySet[Visit]:
     return Visit.objects.filter(clinician=user).select_related("current_run")
 
 
@@ -153,6 +154,7 @@ def visit_status_document(visit: Visit, stages: list[Stage] | None = None) -> Vi
     transcript = visit_transcript(stages)
     summarized = output_of(stages, "summarize", SummarizeOutput)
     noted = output_of(stages, "note", NoteOutput)
+    latest: NoteOutput | SummarizeOutput | None = noted or summarized
     return VisitStatus(
         visit=visit.pk,
         status=visit.current_run.status if visit.current_run else "queued",
@@ -190,7 +192,7 @@ def visit_status_document(visit: Visit, stages: list[Stage] | None = None) -> Vi
         ),
         summary=summarized.summary if summarized else None,
         note=noted.note if noted else None,
-        engine=(noted or summarized).engine if (noted or summarized) else None,
+        engine=latest.engine if latest else None,
     )
 
 

@@ -6,7 +6,6 @@ from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
 from django.conf import settings
-from django.contrib.auth.models import AbstractBaseUser
 from django.core.exceptions import PermissionDenied
 from django.core.files import File
 from django.core.files.uploadedfile import UploadedFile
@@ -29,6 +28,8 @@ from visits.schemas import NoteOutput
 from visits.stages import VISIT_WORKFLOW
 
 if TYPE_CHECKING:
+    from django.contrib.auth.models import AnonymousUser, User
+
     from pipeline.models import Run
 
 RECORDING_EXTENSIONS = frozenset(
@@ -52,9 +53,7 @@ def recording_validate(*, name: str, size: int) -> None:
         )
 
 
-def visit_create(
-    *, clinician: AbstractBaseUser, recording: UploadedFile | Path, label: str = ""
-) -> Visit:
+def visit_create(*, clinician: User, recording: UploadedFile | Path, label: str = "") -> Visit:
     """Store the recording privately, create the visit and its first run (not yet started)."""
     if isinstance(recording, Path):
         name, size = recording.name, recording.stat().st_size
@@ -102,8 +101,9 @@ def visit_start(*, visit: Visit, inline: bool = False) -> None:
 REPROCESS_PERMISSION = "visits.reprocess_visit"
 
 
-def _operator(actor: AbstractBaseUser | None) -> Operator:
-    """Staff with the reprocess permission, or a shell operator (actor None)."""
+def _operator(actor: User | AnonymousUser | None) -> Operator:
+    """Staff with the reprocess permission, or a shell operator (actor None); anyone else,
+    anonymous included, is refused."""
     if actor is None:
         return Operator.command_line()
     if not (actor.is_active and actor.is_staff and actor.has_perm(REPROCESS_PERMISSION)):
@@ -112,7 +112,7 @@ def _operator(actor: AbstractBaseUser | None) -> Operator:
 
 
 def visit_retry(
-    *, visit: Visit, actor: AbstractBaseUser | None, reason: str, inline: bool = False
+    *, visit: Visit, actor: User | AnonymousUser | None, reason: str, inline: bool = False
 ) -> None:
     """One more attempt at the failed stage of the visit's current run."""
     run_retry_failed(
@@ -120,7 +120,7 @@ def visit_retry(
     )
 
 
-def visit_skip_backoff(*, visit: Visit, actor: AbstractBaseUser | None, reason: str) -> None:
+def visit_skip_backoff(*, visit: Visit, actor: User | AnonymousUser | None, reason: str) -> None:
     """Run now: the waiting stage of the visit's current run is tried without more delay."""
     run_skip_backoff(run=_current_run(visit), operator=_operator(actor), reason=reason)
 
@@ -129,7 +129,7 @@ def visit_rerun_from(
     *,
     visit: Visit,
     stage: str,
-    actor: AbstractBaseUser | None,
+    actor: User | AnonymousUser | None,
     reason: str,
     inline: bool = False,
 ) -> None:
@@ -149,7 +149,7 @@ def visit_rerun_from(
     visit_start(visit=visit, inline=inline)
 
 
-def visit_cancel(*, visit: Visit, actor: AbstractBaseUser | None, reason: str) -> None:
+def visit_cancel(*, visit: Visit, actor: User | AnonymousUser | None, reason: str) -> None:
     run_cancel(run=_current_run(visit), operator=_operator(actor), reason=reason)
 
 
@@ -159,7 +159,7 @@ def _current_run(visit: Visit) -> Run:
     return visit.current_run
 
 
-def note_sign(*, visit: Visit, run_id: int, clinician: AbstractBaseUser) -> NoteSignature:
+def note_sign(*, visit: Visit, run_id: int, clinician: User) -> NoteSignature:
     """The visit's clinician signs the note of one of its runs; it is then final."""
     if visit.clinician_id != clinician.pk:
         raise PermissionDenied("Only the visit's clinician can sign its note.")

@@ -56,7 +56,7 @@ def transcribe(ctx: StageContext) -> TranscribeOutput:
     pcm = audio.pcm_load(artifact_path(ingested.audio))
     bounds = transcription.chunk_bounds(pcm, settings.TRANSCRIBE_CHUNK_SECONDS)
     done = ctx.checkpoints(prefix="chunk:")
-    raw_segments: list[dict[str, object]] = []
+    raw_segments: list[transcription.RawSegment] = []
     reused = 0
     for index, (start, end) in enumerate(bounds):
         key = f"chunk:{index:05d}:{start}:{end}"

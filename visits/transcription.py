@@ -7,6 +7,7 @@ import multiprocessing
 import os
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TypedDict
 
 import numpy as np
 from django.conf import settings
@@ -90,7 +91,15 @@ def _quietest_cut(pcm: np.ndarray, around: int) -> int:
     return lo + int(np.argmin(energy)) * _FRAME + _FRAME // 2
 
 
-def transcribe_samples(pcm: np.ndarray, *, offset_seconds: float) -> list[dict[str, object]]:
+class RawSegment(TypedDict):
+    """A transcribed segment before it is numbered; chunk checkpoints store lists of these."""
+
+    start: float
+    end: float
+    text: str
+
+
+def transcribe_samples(pcm: np.ndarray, *, offset_seconds: float) -> list[RawSegment]:
     """Transcribe one chunk; segment times are relative to the whole recording."""
     audio = np.asarray(pcm, dtype=np.float32) / 32768.0
     segments, _info = whisper_model().transcribe(audio, **transcribe_options())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import PurePath
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.contrib import messages
@@ -27,10 +28,19 @@ from visits.selectors import (
 from visits.services import note_sign, visit_create, visit_start
 from visits.uploads import RecordingSizeLimit
 
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
+
+
+class AuthenticatedHttpRequest(HttpRequest):
+    """The request of a view behind `login_required`: its user is signed in."""
+
+    user: User
+
 
 @login_required
 @require_GET
-def visit_list(request: HttpRequest) -> HttpResponse:
+def visit_list(request: AuthenticatedHttpRequest) -> HttpResponse:
     visits = visits_of_clinician(request.user)
     return render(request, "visits/list.html", {"visits": visits[:200]})
 
@@ -38,14 +48,16 @@ def visit_list(request: HttpRequest) -> HttpResponse:
 @csrf_exempt  # the handler must be installed before CSRF reads the body; checked just below
 @login_required
 @require_http_methods(["GET", "POST"])
-def visit_upload(request: HttpRequest) -> HttpResponse:
+def visit_upload(request: AuthenticatedHttpRequest) -> HttpResponse:
     limit = RecordingSizeLimit(request, max_bytes=settings.RECORDING_MAX_BYTES)
-    request.upload_handlers.insert(0, limit)
+    handlers = request.upload_handlers
+    assert isinstance(handlers, list)  # an immutable tuple only once the body has been read
+    handlers.insert(0, limit)
     return _visit_upload(request, limit)
 
 
 @csrf_protect
-def _visit_upload(request: HttpRequest, limit: RecordingSizeLimit) -> HttpResponse:
+def _visit_upload(request: AuthenticatedHttpRequest, limit: RecordingSizeLimit) -> HttpResponse:
     if request.method == "GET":
         return render(request, "visits/upload.html", {"form": VisitUploadForm()})
     form = VisitUploadForm(request.POST, request.FILES, too_large=limit.exceeded)
@@ -67,7 +79,7 @@ def _visit_upload(request: HttpRequest, limit: RecordingSizeLimit) -> HttpRespon
 
 @login_required
 @require_GET
-def visit_detail(request: HttpRequest, visit_id: int) -> HttpResponse:
+def visit_detail(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
     visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
     stages = visit_stages(visit)
     document = visit_status_document(visit, stages)
@@ -98,7 +110,7 @@ def _comparison(request: HttpRequest, versions: list[NoteVersion]) -> dict[str, 
 
 @login_required
 @require_POST
-def note_sign_view(request: HttpRequest, visit_id: int) -> HttpResponse:
+def note_sign_view(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
     visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
     try:
         run_id = int(request.POST.get("run", ""))
@@ -114,7 +126,7 @@ def note_sign_view(request: HttpRequest, visit_id: int) -> HttpResponse:
 
 @login_required
 @require_GET
-def visit_recording(request: HttpRequest, visit_id: int) -> FileResponse:
+def visit_recording(request: AuthenticatedHttpRequest, visit_id: int) -> FileResponse:
     """The recording, to its clinician and permitted staff only; never cached by proxies."""
     visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
     extension = PurePath(visit.recording.name).suffix
