@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import date, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar
 
 from django.db import connection
 from django.db.models import (
@@ -38,7 +39,7 @@ from django.utils import timezone
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.models import Attempt, AuditEntry, LLMCall, OperatorAction, Run, Stage
-from pipeline.selectors import attempt_sums, ledger_sums
+from pipeline.selectors import AttemptTotals, LedgerTotals, attempt_sums, ledger_sums
 from pipeline.states import AttemptStatus, FailureKind, StageStatus
 
 DEFAULT_WINDOW_DAYS = 30
@@ -56,21 +57,16 @@ class _Figures(BaseModel):
     model_config = ConfigDict(frozen=True)
 
 
-class Spend(_Figures):
+FiguresT = TypeVar("FiguresT", bound=BaseModel)
+
+
+class Spend(LedgerTotals):
     """Tokens and dollars of a group of ledger rows (a stage, a model, a day, or all)."""
 
     label: str
-    calls: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: Decimal = _ZERO_USD
-
-    @property
-    def total_tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
 
 
-class StageActivity(_Figures):
+class StageActivity(AttemptTotals):
     """What the attempts of one stage did in the window."""
 
     label: str
@@ -82,20 +78,6 @@ class StageActivity(_Figures):
     recovered: int = 0  # of those, the ones that succeeded
     p50_seconds: float | None = None  # of succeeded attempts
     p95_seconds: float | None = None
-    audio_seconds: float = 0.0
-    compute_seconds: float = 0.0
-    saved_input_tokens: int = 0
-    saved_output_tokens: int = 0
-    saved_cost_usd: Decimal = _ZERO_USD
-    saved_audio_seconds: float = 0.0
-
-    @property
-    def audio_hours(self) -> float:
-        return self.audio_seconds / 3600
-
-    @property
-    def saved_tokens(self) -> int:
-        return self.saved_input_tokens + self.saved_output_tokens
 
 
 class FailureRow(_Figures):
@@ -241,14 +223,15 @@ def _as_date(value: date | datetime | str) -> date:
     return date.fromisoformat(str(value))
 
 
-def _spend_sum(label: str, rows: list[Spend]) -> Spend:
-    return Spend(
-        label=label,
-        calls=sum(r.calls for r in rows),
-        input_tokens=sum(r.input_tokens for r in rows),
-        output_tokens=sum(r.output_tokens for r in rows),
-        cost_usd=sum((r.cost_usd for r in rows), _ZERO_USD),
-    )
+def _summed(model: type[FiguresT], rows: Sequence[FiguresT], **fixed: Any) -> FiguresT:
+    """A total row: every numeric field (those that default to zero) added up over `rows`;
+    `fixed` gives the rest (a label, say)."""
+    totals = {
+        name: sum((getattr(row, name) for row in rows), field.default)
+        for name, field in model.model_fields.items()
+        if name not in fixed and type(field.default) in (int, float, Decimal)
+    }
+    return model(**totals, **fixed)
 
 
 # --- attempts: outcomes, retries, audio, saved by resume, durations --------------------------
@@ -456,41 +439,16 @@ def dashboard_get(*, days: int = DEFAULT_WINDOW_DAYS, now: datetime | None = Non
         days=days,
         since=since,
         until=until,
-        spend_total=_spend_sum("Total", stage_spend),
+        spend_total=_summed(Spend, stage_spend, label="Total"),
         spend_by_stage=stage_spend,
         spend_by_model=spend_by_model,
         spend_by_day=spend_by_day,
         stages=stages,
-        stages_total=_activity_sum(stages),
+        stages_total=_summed(StageActivity, stages, label="Total"),
         failures=failure_rows,
-        failures_total=FailureRow(
-            stage="Total",
-            error_code="",
-            failed_attempts=sum(r.failed_attempts for r in failure_rows),
-            lost_attempts=sum(r.lost_attempts for r in failure_rows),
-            stages_failed_permanently=sum(r.stages_failed_permanently for r in failure_rows),
-            stages_gave_up=sum(r.stages_gave_up for r in failure_rows),
-        ),
+        failures_total=_summed(FailureRow, failure_rows, stage="Total", error_code=""),
         reruns_by_stage=reruns,
         reruns_total=sum(r.count for r in reruns),
         operator_actions=actions,
         operator_actions_total=sum(r.count for r in actions),
-    )
-
-
-def _activity_sum(rows: list[StageActivity]) -> StageActivity:
-    return StageActivity(
-        label="Total",
-        attempts=sum(r.attempts for r in rows),
-        succeeded=sum(r.succeeded for r in rows),
-        failed=sum(r.failed for r in rows),
-        lost=sum(r.lost for r in rows),
-        retries=sum(r.retries for r in rows),
-        recovered=sum(r.recovered for r in rows),
-        audio_seconds=sum(r.audio_seconds for r in rows),
-        compute_seconds=sum(r.compute_seconds for r in rows),
-        saved_input_tokens=sum(r.saved_input_tokens for r in rows),
-        saved_output_tokens=sum(r.saved_output_tokens for r in rows),
-        saved_cost_usd=sum((r.saved_cost_usd for r in rows), _ZERO_USD),
-        saved_audio_seconds=sum(r.saved_audio_seconds for r in rows),
     )

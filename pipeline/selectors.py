@@ -68,8 +68,8 @@ def attempt_sums() -> dict[str, Any]:
     }
 
 
-class Usage(BaseModel):
-    """What some runs spent (ledger and attempts), and what reuse spared them."""
+class LedgerTotals(BaseModel):
+    """What some LLM calls add up to (the fields of `ledger_sums`)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -77,6 +77,17 @@ class Usage(BaseModel):
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: Decimal = _ZERO_USD
+
+    @property
+    def total_tokens(self) -> int:
+        return self.input_tokens + self.output_tokens
+
+
+class AttemptTotals(BaseModel):
+    """What some attempts add up to (the fields of `attempt_sums`)."""
+
+    model_config = ConfigDict(frozen=True)
+
     audio_seconds: float = 0.0
     compute_seconds: float = 0.0
     saved_input_tokens: int = 0
@@ -85,12 +96,16 @@ class Usage(BaseModel):
     saved_audio_seconds: float = 0.0
 
     @property
-    def total_tokens(self) -> int:
-        return self.input_tokens + self.output_tokens
+    def audio_hours(self) -> float:
+        return self.audio_seconds / 3600
 
     @property
     def saved_tokens(self) -> int:
         return self.saved_input_tokens + self.saved_output_tokens
+
+
+class Usage(LedgerTotals, AttemptTotals):
+    """What some runs spent (ledger and attempts), and what reuse spared them."""
 
 
 def ledger_totals(calls: QuerySet[LLMCall]) -> dict[str, Any]:
