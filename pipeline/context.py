@@ -116,6 +116,11 @@ class StageContext:
         self._heartbeat.check()
         store.stage_heartbeat(self.claim)
 
+    def progress(self, done: int, total: int | None = None) -> None:
+        """Say how far this attempt has got (`done` of `total` units), for people watching."""
+        self._heartbeat.check()
+        store.stage_progress_save(self.claim, done=done, total=total)
+
     def checkpoint_save(self, key: str, value: Any) -> None:
         self._heartbeat.check()
         store.checkpoint_save(self.claim, key=key, value=value)

@@ -63,6 +63,10 @@ class Stage(models.Model):
     )
     error_code = models.CharField(max_length=64, blank=True)
     error_message = models.TextField(blank=True)
+    # How far the running attempt has got, in units the stage chooses (chunks, say); what a
+    # page shows as a progress bar. Reset when an attempt starts.
+    progress_done = models.PositiveIntegerField(default=0)
+    progress_total = models.PositiveIntegerField(null=True, blank=True)
     # Set exactly when the stage is failed: a permanent error, or attempts exhausted.
     failure_kind = models.CharField(max_length=16, choices=FailureKind.choices, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)

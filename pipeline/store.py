@@ -259,6 +259,8 @@ def stage_claim(*, stage_id: int, worker: str) -> Claim | None:
             attempt_count=number,
             lease_owner=worker,
             lease_expires_at=lease_until,
+            progress_done=0,
+            progress_total=None,
             started_at=Coalesce(F("started_at"), now),
         )
         if not updated:
@@ -310,6 +312,13 @@ def stage_heartbeat(claim: Claim) -> None:
             f"attempt {claim.attempt_number} of {claim.stage_name} lost its lease "
             "(expired, cancelled, or taken by a newer attempt)"
         )
+
+
+def stage_progress_save(claim: Claim, *, done: int, total: int | None) -> None:
+    """Note how far the attempt has got; only while it holds its lease (a zombie's progress
+    would be a lie)."""
+    if not _held(claim, timezone.now()).update(progress_done=done, progress_total=total):
+        raise LeaseLost(f"attempt {claim.attempt_number} of {claim.stage_name} lost its lease")
 
 
 def attempt_complete(

@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from django.db.models import QuerySet
+from django.utils import timezone
 from pydantic import BaseModel
 
 from pipeline.selectors import (
@@ -17,9 +18,11 @@ from pipeline.selectors import (
     stage_outputs_of_subject,
     usage_totals,
 )
+from pipeline.states import StageStatus
 from visits.models import NoteSignature, Visit
 from visits.schemas import (
     ClinicalSummary,
+    IngestOutput,
     NoteOutput,
     PostVisitNote,
     Segment,
@@ -64,6 +67,48 @@ def visit_transcript(stages: list[Stage]) -> Transcript | None:
         # Storage lost a committed artifact: show the rest of the visit, and tell operators.
         logger.error("the transcript file of a succeeded transcribe stage is missing")
         return None
+
+
+@dataclass(frozen=True)
+class TranscriptionProgress:
+    """How far a running transcription has got, from its chunk checkpoints."""
+
+    chunks_done: int
+    chunks_total: int
+    audio_minutes_done: float
+    audio_minutes_total: float
+    seconds_left: float | None  # None until a chunk is done
+
+    @property
+    def percent(self) -> int:
+        return round(100 * self.chunks_done / self.chunks_total) if self.chunks_total else 0
+
+
+def transcription_progress(
+    stages: list[Stage], *, now: datetime | None = None
+) -> TranscriptionProgress | None:
+    """The progress of the transcribe stage while it runs; None when it is not running."""
+    running = next(
+        (s for s in stages if s.name == "transcribe" and s.status == StageStatus.RUNNING), None
+    )
+    ingested = output_of(stages, "ingest", IngestOutput)
+    if running is None or ingested is None or not running.progress_total:
+        return None
+    done, total = running.progress_done, running.progress_total
+    attempts = list(running.attempts.all())
+    started = attempts[-1].started_at if attempts else None
+    minutes_total = ingested.duration_seconds / 60
+    seconds_left = None
+    if done and started is not None:
+        elapsed = ((now or timezone.now()) - started).total_seconds()
+        seconds_left = max(0.0, elapsed / done * (total - done))
+    return TranscriptionProgress(
+        chunks_done=done,
+        chunks_total=total,
+        audio_minutes_done=round(minutes_total * done / total, 1),
+        audio_minutes_total=round(minutes_total, 1),
+        seconds_left=seconds_left,
+    )
 
 
 # --- the status document of `visit_status --json` --------------------------------------------

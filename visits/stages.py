@@ -58,6 +58,7 @@ def transcribe(ctx: StageContext) -> TranscribeOutput:
     done = ctx.checkpoints(prefix="chunk:")
     raw_segments: list[transcription.RawSegment] = []
     reused = 0
+    ctx.progress(0, len(bounds))
     for index, (start, end) in enumerate(bounds):
         key = f"chunk:{index:05d}:{start}:{end}"
         if key in done:
@@ -71,6 +72,7 @@ def transcribe(ctx: StageContext) -> TranscribeOutput:
             ctx.checkpoint_save(key, chunk)
             ctx.usage.audio_seconds += (end - start) / audio.SAMPLE_RATE
         raw_segments.extend(chunk)
+        ctx.progress(index + 1, len(bounds))
     transcript = Transcript(
         model=transcription.model_choice().name,
         duration_seconds=ingested.duration_seconds,

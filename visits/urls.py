@@ -6,8 +6,10 @@ app_name = "visits"
 
 urlpatterns = [
     path("", views.visit_list, name="list"),
+    path("visits/rows/", views.visit_list_rows, name="list_rows"),
     path("visits/new/", views.visit_upload, name="upload"),
     path("visits/<int:visit_id>/", views.visit_detail, name="detail"),
+    path("visits/<int:visit_id>/live/", views.visit_live, name="live"),
     path("visits/<int:visit_id>/recording/", views.visit_recording, name="recording"),
     path("visits/<int:visit_id>/sign/", views.note_sign_view, name="sign"),
 ]

@@ -15,10 +15,12 @@ from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from pipeline.errors import PipelineError
+from pipeline.states import FINAL_RUN_STATUSES
 from visits.forms import VisitUploadForm
 from visits.selectors import (
     NoteVersion,
     note_diff,
+    transcription_progress,
     visit_note_versions,
     visit_stages,
     visit_status_document,
@@ -32,6 +34,10 @@ if TYPE_CHECKING:
     from django.contrib.auth.models import User
 
 
+# The list shows the newest visits; older ones are a search away in the admin.
+LIST_LIMIT = 200
+
+
 class AuthenticatedHttpRequest(HttpRequest):
     """The request of a view behind `login_required`: its user is signed in."""
 
@@ -41,8 +47,23 @@ class AuthenticatedHttpRequest(HttpRequest):
 @login_required
 @require_GET
 def visit_list(request: AuthenticatedHttpRequest) -> HttpResponse:
-    visits = visits_of_clinician(request.user)
-    return render(request, "visits/list.html", {"visits": visits[:200]})
+    return render(request, "visits/list.html", _list_context(request))
+
+
+@login_required
+@require_GET
+def visit_list_rows(request: AuthenticatedHttpRequest) -> HttpResponse:
+    """The list's rows alone, polled by the list page while a visit is in progress."""
+    return render(request, "visits/_visit_rows.html", _list_context(request))
+
+
+def _list_context(request: AuthenticatedHttpRequest) -> dict[str, object]:
+    visits = list(visits_of_clinician(request.user)[:LIST_LIMIT])
+    live = any(
+        visit.current_run is None or visit.current_run.status not in FINAL_RUN_STATUSES
+        for visit in visits
+    )
+    return {"visits": visits, "live": live}
 
 
 @csrf_exempt  # the handler must be installed before CSRF reads the body; checked just below
@@ -80,15 +101,28 @@ def _visit_upload(request: AuthenticatedHttpRequest, limit: RecordingSizeLimit) 
 @login_required
 @require_GET
 def visit_detail(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
+    return render(request, "visits/detail.html", _visit_context(request, visit_id))
+
+
+@login_required
+@require_GET
+def visit_live(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
+    """The visit page's body alone: polled by htmx while the pipeline runs, and swapped in
+    place. Once the run is final the fragment carries no trigger, so polling stops."""
+    return render(request, "visits/_visit_live.html", _visit_context(request, visit_id))
+
+
+def _visit_context(request: AuthenticatedHttpRequest, visit_id: int) -> dict[str, object]:
     visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
     stages = visit_stages(visit)
     document = visit_status_document(visit, stages)
     versions = visit_note_versions(visit)
-    context = {
+    return {
         "visit": visit,
         "doc": document,
         "stages": stages,
-        "live": document.status in ("queued", "running"),
+        "progress": transcription_progress(stages),
+        "live": document.status not in FINAL_RUN_STATUSES,
         "versions": versions,
         "current_signature": next(
             (v.signed_by for v in versions if v.is_current and v.signed_by), None
@@ -96,7 +130,6 @@ def visit_detail(request: AuthenticatedHttpRequest, visit_id: int) -> HttpRespon
         "can_sign": visit.clinician_id == request.user.pk,
         **_comparison(request, versions),
     }
-    return render(request, "visits/detail.html", context)
 
 
 def _comparison(request: HttpRequest, versions: list[NoteVersion]) -> dict[str, object]:

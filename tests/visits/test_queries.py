@@ -74,3 +74,20 @@ def test_the_visit_page_of_a_finished_visit_with_a_rerun_is_bounded(
     assert response.status_code == 200
     page = response.content.decode()
     assert "SOAP note" in page and "Note versions" in page
+
+
+def test_each_poll_of_a_live_visit_and_of_the_list_is_bounded(
+    client, clinician, django_assert_max_num_queries
+):
+    add_visits(clinician, 50)
+    visit = Visit.objects.filter(clinician=clinician).first()
+    client.force_login(clinician)
+
+    with django_assert_max_num_queries(DETAIL_QUERIES):
+        fragment = client.get(reverse("visits:live", args=[visit.pk]), headers={"HX-Request": "1"})
+    with django_assert_max_num_queries(LIST_QUERIES):
+        rows = client.get(reverse("visits:list_rows"), headers={"HX-Request": "1"})
+
+    assert fragment.status_code == rows.status_code == 200
+    assert "hx-trigger" in fragment.content.decode()  # queued: the poll goes on
+    assert rows.content.decode().count("data-visit-status") == 50

@@ -369,7 +369,11 @@ def test_detail_of_processed_visit_shows_transcript_summary_note_and_offline_ban
         assert item["text"] in text
     assert "Offline engine." in text
     assert "No language model was used" in text
-    assert 'http-equiv="refresh"' not in text  # finished: the page stops refreshing
+    assert "hx-trigger" not in text  # finished: the page stops polling
+    # Every citation is a link to its segment, and every cited segment is on the page.
+    cited = set(re.findall(r'data-cite="(\d+)"', text))
+    assert cited and cited <= set(re.findall(r'data-segment-id="(\d+)"', text))
+    assert 'id="recording-player"' in text
 
 
 @pytest.mark.django_db(transaction=True)
@@ -391,13 +395,26 @@ def test_detail_of_failed_visit_shows_the_failure_message(client, clinician, tmp
 
 
 @pytest.mark.django_db
-def test_detail_of_queued_visit_refreshes_itself(client, clinician, visit):
+def test_a_queued_visit_polls_its_live_fragment_instead_of_reloading(client, clinician, visit):
     client.force_login(clinician)
+    live_url = reverse("visits:live", args=[visit.pk])
 
-    response = client.get(reverse("visits:detail", args=[visit.pk]))
+    text = page(client.get(reverse("visits:detail", args=[visit.pk])))
+    fragment = client.get(live_url, headers={"HX-Request": "true"})
 
-    assert response.status_code == 200
-    assert 'http-equiv="refresh"' in page(response)
+    assert 'http-equiv="refresh"' not in text
+    assert f'hx-get="{live_url}"' in text and "every 2s" in text
+    assert fragment.status_code == 200
+    body = page(fragment)
+    assert "<html" not in body  # the fragment alone, swapped in place
+    assert re.search(r"data-visit-status>queued<", body)
+    assert f'hx-get="{live_url}"' in body  # still polling: the run is not final
+
+
+@pytest.mark.django_db
+def test_the_live_fragment_is_private_to_the_visit(client, other_clinician, visit):
+    client.force_login(other_clinician)
+    assert client.get(reverse("visits:live", args=[visit.pk])).status_code == 404
 
 
 # --- PHI never in URLs -----------------------------------------------------------------------
