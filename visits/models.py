@@ -27,6 +27,9 @@ class Visit(models.Model):
     current_run = models.ForeignKey(
         Run, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
+    # Set for a recording made in the browser: its session, so that sending it twice makes
+    # one visit.
+    recording_session = models.UUIDField(null=True, blank=True, unique=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
@@ -53,7 +54,13 @@ def recording_validate(*, name: str, size: int) -> None:
         )
 
 
-def visit_create(*, clinician: User, recording: UploadedFile | Path, label: str = "") -> Visit:
+def visit_create(
+    *,
+    clinician: User,
+    recording: UploadedFile | Path,
+    label: str = "",
+    recording_session: uuid.UUID | None = None,
+) -> Visit:
     """Store the recording privately, create the visit and its first run (not yet started)."""
     if isinstance(recording, Path):
         name, size = recording.name, recording.stat().st_size
@@ -61,7 +68,11 @@ def visit_create(*, clinician: User, recording: UploadedFile | Path, label: str 
         name, size = recording.name or "", recording.size or 0
     recording_validate(name=name, size=size)
     visit = Visit(
-        clinician=clinician, label=label[:200], recording_name=name[:255], recording_bytes=size
+        clinician=clinician,
+        label=label[:200],
+        recording_name=name[:255],
+        recording_bytes=size,
+        recording_session=recording_session,
     )
     # The file is copied in chunks before the transaction: a failed insert leaves only an
     # unreferenced file, never a visit pointing at a half-written one.

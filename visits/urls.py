@@ -8,6 +8,12 @@ urlpatterns = [
     path("", views.visit_list, name="list"),
     path("visits/rows/", views.visit_list_rows, name="list_rows"),
     path("visits/new/", views.visit_upload, name="upload"),
+    path(
+        "recordings/<uuid:session_id>/pieces/<int:index>/",
+        views.recording_piece,
+        name="recording_piece",
+    ),
+    path("recordings/<uuid:session_id>/finish/", views.recording_finish, name="recording_finish"),
     path("visits/<int:visit_id>/", views.visit_detail, name="detail"),
     path("visits/<int:visit_id>/live/", views.visit_live, name="live"),
     path("visits/<int:visit_id>/recording/", views.visit_recording, name="recording"),

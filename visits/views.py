@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import PurePath
 from typing import TYPE_CHECKING
 
@@ -9,13 +10,19 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.http import FileResponse, HttpRequest, HttpResponse
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from pipeline.errors import PipelineError
 from pipeline.states import FINAL_RUN_STATUSES
+from visits.browser_recordings import (
+    RecordingIncomplete,
+    recording_piece_save,
+    recording_session_finish,
+)
 from visits.forms import VisitUploadForm
 from visits.selectors import (
     NoteVersion,
@@ -80,7 +87,7 @@ def visit_upload(request: AuthenticatedHttpRequest) -> HttpResponse:
 @csrf_protect
 def _visit_upload(request: AuthenticatedHttpRequest, limit: RecordingSizeLimit) -> HttpResponse:
     if request.method == "GET":
-        return render(request, "visits/upload.html", {"form": VisitUploadForm()})
+        return render(request, "visits/upload.html", _upload_context(VisitUploadForm()))
     form = VisitUploadForm(request.POST, request.FILES, too_large=limit.exceeded)
     if form.is_valid():
         try:
@@ -95,7 +102,54 @@ def _visit_upload(request: AuthenticatedHttpRequest, limit: RecordingSizeLimit) 
             visit_start(visit=visit)
             messages.success(request, "Recording received; the pipeline has started.")
             return redirect("visits:detail", visit_id=visit.pk)
-    return render(request, "visits/upload.html", {"form": form}, status=400)
+    return render(request, "visits/upload.html", _upload_context(form), status=400)
+
+
+def _upload_context(form: VisitUploadForm) -> dict[str, object]:
+    """The form, and the limits stated before anyone uploads."""
+    return {
+        "form": form,
+        "max_bytes": settings.RECORDING_MAX_BYTES,
+        "max_hours": round(settings.RECORDING_MAX_SECONDS / 3600, 1),
+    }
+
+
+@login_required
+@require_POST
+def recording_piece(
+    request: AuthenticatedHttpRequest, session_id: uuid.UUID, index: int
+) -> JsonResponse:
+    """One piece of a recording being made in the browser (the raw bytes are the body)."""
+    try:
+        kept = recording_piece_save(
+            clinician=request.user, session_id=session_id, index=index, data=request.body
+        )
+    except PipelineError as exc:
+        return JsonResponse({"error": str(exc), "code": exc.code}, status=400)
+    return JsonResponse({"index": index, "bytes": kept})
+
+
+@login_required
+@require_POST
+def recording_finish(request: AuthenticatedHttpRequest, session_id: uuid.UUID) -> JsonResponse:
+    """Recording stopped: join the pieces, create the visit, start its pipeline."""
+    try:
+        pieces = int(request.POST.get("pieces", ""))
+    except ValueError:
+        return JsonResponse({"error": "Say how many pieces were recorded."}, status=400)
+    try:
+        visit = recording_session_finish(
+            clinician=request.user,
+            session_id=session_id,
+            pieces=pieces,
+            mime=request.POST.get("mime", ""),
+            label=request.POST.get("label", ""),
+        )
+    except PipelineError as exc:
+        # 409: the pieces may still come; anything else is final for this session.
+        status = 409 if isinstance(exc, RecordingIncomplete) else 400
+        return JsonResponse({"error": str(exc), "code": exc.code}, status=status)
+    return JsonResponse({"visit": visit.pk, "url": reverse("visits:detail", args=[visit.pk])})
 
 
 @login_required
