@@ -8,7 +8,8 @@
 (function () {
   "use strict";
 
-  var PIECE_MS = 5000;
+  // A reload or a closed tab loses at most the piece being recorded: keep pieces short.
+  var PIECE_MS = 3000;
   var DB_NAME = "visit-recordings";
   var root = document.getElementById("recorder");
   if (!root) return;
