@@ -10,11 +10,17 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http.response import HttpResponseBase
 from django.shortcuts import get_object_or_404, redirect, render
 from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
-from django.views.decorators.http import require_GET, require_http_methods, require_POST
+from django.views.decorators.http import (
+    require_GET,
+    require_http_methods,
+    require_POST,
+    require_safe,
+)
 
 from pipeline.errors import PipelineError
 from pipeline.states import FINAL_RUN_STATUSES
@@ -24,6 +30,7 @@ from visits.browser_recordings import (
     recording_session_finish,
 )
 from visits.forms import VisitUploadForm
+from visits.recording_response import recording_response
 from visits.selectors import (
     NoteVersion,
     note_diff,
@@ -212,15 +219,12 @@ def note_sign_view(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResp
 
 
 @login_required
-@require_GET
-def visit_recording(request: AuthenticatedHttpRequest, visit_id: int) -> FileResponse:
-    """The recording, to its clinician and permitted staff only; never cached by proxies."""
+@require_safe
+def visit_recording(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponseBase:
+    """The recording, to its clinician and permitted staff only; never cached; seekable (HTTP
+    ranges), so the player can start at any cited segment."""
     visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
     extension = PurePath(visit.recording.name).suffix
-    response = FileResponse(
-        visit.recording.open("rb"),
-        as_attachment=False,
-        filename=f"visit-{visit.pk}-recording{extension}",
+    return recording_response(
+        request, visit.recording, filename=f"visit-{visit.pk}-recording{extension}"
     )
-    response["Cache-Control"] = "private, no-store"
-    return response
