@@ -1,24 +1,27 @@
-"""The on-call view of visits: filters that answer real questions, and audited actions."""
+"""The on-call view of visits: filters that answer real questions, audited actions, and each
+visit's pipeline (every run, stage and attempt) on its page, with the same actions as buttons."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.helpers import ACTION_CHECKBOX_NAME
 from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
-from django.utils.html import format_html_join
+from django.urls import URLPattern, path, reverse
 
-from pipeline.admin import StageStateFilter, run_admin_link
+from pipeline.admin import StageStateFilter, attempt_duration, run_admin_link
 from pipeline.errors import PipelineError
 from pipeline.selectors import (
     failed_error_codes,
     filter_failed_at,
+    run_stages,
     runs_of_subject,
     with_failed_stage,
 )
@@ -32,6 +35,9 @@ from visits.services import (
     visit_skip_backoff,
 )
 from visits.stages import VISIT_WORKFLOW
+
+if TYPE_CHECKING:
+    from pipeline.models import Attempt, Run, Stage
 
 
 class VisitStateFilter(StageStateFilter):
@@ -92,43 +98,155 @@ class RerunForm(ReasonForm):
     )
 
 
+# --- operating a visit's pipeline: from the list (actions) or from its page (buttons) --------
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One thing the on-call admin may do to a visit's pipeline. `name` is the admin action's
+    name and the last part of the operation's URL on a visit's page."""
+
+    name: str
+    title: str
+    form_class: type[ReasonForm]
+    perform: Callable[[Visit, Any, dict[str, Any]], None]  # (visit, user, cleaned form data)
+
+
+def _retry(visit: Visit, user: Any, data: dict[str, Any]) -> None:
+    visit_retry(visit=visit, actor=user, reason=data["reason"])
+
+
+def _run_now(visit: Visit, user: Any, data: dict[str, Any]) -> None:
+    visit_skip_backoff(visit=visit, actor=user, reason=data["reason"])
+
+
+def _rerun(visit: Visit, user: Any, data: dict[str, Any]) -> None:
+    visit_rerun_from(visit=visit, stage=data["stage"], actor=user, reason=data["reason"])
+
+
+def _cancel(visit: Visit, user: Any, data: dict[str, Any]) -> None:
+    visit_cancel(visit=visit, actor=user, reason=data["reason"])
+
+
+OPERATIONS: dict[str, Operation] = {
+    operation.name: operation
+    for operation in (
+        Operation("retry_failed_stage", "Retry failed stage", ReasonForm, _retry),
+        Operation("run_now", "Run now", ReasonForm, _run_now),
+        Operation("rerun_from_stage", "Re-run from stage", RerunForm, _rerun),
+        Operation("cancel", "Cancel", ReasonForm, _cancel),
+    )
+}
+
+
 def _operate(
     modeladmin: VisitAdmin,
     request: HttpRequest,
     queryset: QuerySet[Visit],
+    operation: Operation,
     *,
-    title: str,
-    form_class: type[ReasonForm],
-    perform: Callable[[Visit, dict[str, Any]], None],
+    back_url: str | None = None,
 ) -> TemplateResponse | None:
-    """Ask for a reason (and options) on an intermediate page, then apply to each visit."""
-    form = form_class(request.POST if "apply" in request.POST else None)
+    """Ask for a reason (and options) on an intermediate page, then apply to each visit.
+
+    None once applied (the messages say what was done and what was refused); the caller
+    redirects."""
+    form = operation.form_class(request.POST if "apply" in request.POST else None)
     if not form.is_valid():
         return TemplateResponse(
             request,
             "admin/visits/operate.html",
             {
                 **modeladmin.admin_site.each_context(request),
-                "title": title,
+                "title": operation.title,
                 "form": form,
                 "visits": queryset,
-                "action": request.POST["action"],
+                "action": operation.name,
                 "action_checkbox_name": ACTION_CHECKBOX_NAME,
                 "opts": modeladmin.model._meta,
+                "back_url": back_url or request.get_full_path(),
             },
         )
     done, refused = 0, []
     for visit in queryset.select_related("current_run"):
         try:
-            perform(visit, form.cleaned_data)
+            operation.perform(visit, request.user, form.cleaned_data)
             done += 1
         except (PipelineError, PermissionDenied) as exc:
             refused.append(f"visit {visit.pk}: {exc}")
     if done:
-        modeladmin.message_user(request, f"{title}: done for {done} visit(s).", messages.SUCCESS)
+        modeladmin.message_user(
+            request, f"{operation.title}: done for {done} visit(s).", messages.SUCCESS
+        )
     for line in refused:
         modeladmin.message_user(request, line, messages.WARNING)
     return None
+
+
+# --- the pipeline on a visit's page ----------------------------------------------------------
+
+RUNS_IN_DETAIL = 10
+"""How many of a visit's newest runs its page shows stage by stage (two queries each); older
+runs are listed with a link to their own admin page. The current run is always in detail."""
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    attempt: Attempt
+    duration: str
+
+
+@dataclass(frozen=True)
+class StageRow:
+    stage: Stage
+    attempts: list[AttemptRow]
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run: Run
+    link: str
+    is_current: bool
+    forked_from_link: str
+    fork_links: list[str]  # the runs re-run from this one
+    stages: list[StageRow] | None  # None: not shown in detail (see RUNS_IN_DETAIL)
+
+
+def visit_pipeline(visit: Visit, *, runs_in_detail: int = RUNS_IN_DETAIL) -> list[RunRow]:
+    """Every run of the visit, newest first; the newest `runs_in_detail` (and the current one)
+    with their stages and every attempt. 1 + 2 * min(runs, runs_in_detail + 1) queries."""
+    runs = runs_of_subject(visit.subject)
+    forks: dict[int, list[str]] = {}
+    for run in reversed(runs):  # oldest first, so that each run's forks read in order
+        if run.forked_from_id is not None:
+            forks.setdefault(run.forked_from_id, []).append(run_admin_link(run.pk))
+    rows = []
+    for index, run in enumerate(runs):
+        is_current = run.pk == visit.current_run_id
+        stages = None
+        if is_current or index < runs_in_detail:
+            stages = [
+                StageRow(
+                    stage=stage,
+                    # Attempts come prefetched by run_stages: no query per stage or attempt.
+                    attempts=[
+                        AttemptRow(attempt=attempt, duration=attempt_duration(None, attempt))
+                        for attempt in stage.attempts.all()
+                    ],
+                )
+                for stage in run_stages(run.pk)
+            ]
+        rows.append(
+            RunRow(
+                run=run,
+                link=run_admin_link(run.pk),
+                is_current=is_current,
+                forked_from_link=run_admin_link(run.forked_from_id),
+                fork_links=forks.get(run.pk, []),
+                stages=stages,
+            )
+        )
+    return rows
 
 
 @admin.register(Visit)
@@ -164,9 +282,10 @@ class VisitAdmin(admin.ModelAdmin):
         "recording_bytes",
         "created_at",
         "current_run",
-        "runs",
     ]
     fields = ["label", *readonly_fields]
+    # The fields, then the pipeline: every run, its stages and attempts, and the operations.
+    change_form_template = "admin/visits/visit/change_form.html"
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Visit]:
         return with_failed_stage(super().get_queryset(request), via="current_run")
@@ -176,6 +295,60 @@ class VisitAdmin(admin.ModelAdmin):
 
     def has_reprocess_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm(REPROCESS_PERMISSION)
+
+    def get_urls(self) -> list[URLPattern]:
+        operate = self.admin_site.admin_view(self.operate_view)  # staff only, CSRF-protected
+        return [
+            path(
+                "<int:object_id>/operate/<slug:action>/",
+                operate,
+                name="visits_visit_operate",
+            ),
+            *super().get_urls(),
+        ]
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: Visit | None = None,
+    ) -> HttpResponse:
+        if obj is not None and obj.pk is not None:
+            context["pipeline_runs"] = visit_pipeline(obj)
+            if self.has_reprocess_permission(request):
+                context["operations"] = [
+                    (operation.title, reverse("admin:visits_visit_operate", args=[obj.pk, name]))
+                    for name, operation in OPERATIONS.items()
+                ]
+        return super().render_change_form(request, context, add, change, form_url, obj)
+
+    def operate_view(self, request: HttpRequest, object_id: int, action: str) -> HttpResponse:
+        """One operation on one visit, from the buttons on its page: the reason form (the same
+        intermediate page as the list's actions), then the operation, then back to the page."""
+        operation = OPERATIONS.get(action)
+        if operation is None:
+            raise Http404(f"No operation “{action}”.")
+        visit = self.get_object(request, str(object_id))
+        if visit is None:
+            self.message_user(request, f"There is no visit {object_id}.", messages.WARNING)
+            return HttpResponseRedirect(reverse("admin:visits_visit_changelist"))
+        if not self.has_view_or_change_permission(request, visit):
+            raise PermissionDenied
+        change_url = reverse("admin:visits_visit_change", args=[visit.pk])
+        if not self.has_reprocess_permission(request):
+            self.message_user(
+                request,
+                f"{operation.title}: refused; retrying, re-running or cancelling needs the "
+                "reprocess permission.",
+                messages.WARNING,
+            )
+            return HttpResponseRedirect(change_url)
+        queryset = self.get_queryset(request).filter(pk=visit.pk)
+        response = _operate(self, request, queryset, operation, back_url=change_url)
+        return response if response is not None else HttpResponseRedirect(change_url)
 
     @admin.display(description="status", ordering="current_run__status")
     def status(self, visit: Visit) -> str:
@@ -197,70 +370,18 @@ class VisitAdmin(admin.ModelAdmin):
     def run_link(self, visit: Visit) -> str:
         return run_admin_link(visit.current_run_id)
 
-    @admin.display(description="all runs")
-    def runs(self, visit: Visit) -> str:
-        return format_html_join(
-            "",
-            "<div>{} · {} · {}{}</div>",
-            (
-                (
-                    run_admin_link(run.pk),
-                    run.status,
-                    run.created_at,
-                    f" · forked from run {run.forked_from_id}" if run.forked_from_id else "",
-                )
-                for run in runs_of_subject(visit.subject)
-            ),
-        )
-
     @admin.action(description="Retry failed stage", permissions=["reprocess"])
     def retry_failed_stage(self, request: HttpRequest, queryset: QuerySet[Visit]) -> Any:
-        return _operate(
-            self,
-            request,
-            queryset,
-            title="Retry failed stage",
-            form_class=ReasonForm,
-            perform=lambda visit, data: visit_retry(
-                visit=visit, actor=request.user, reason=data["reason"]
-            ),
-        )
+        return _operate(self, request, queryset, OPERATIONS["retry_failed_stage"])
 
     @admin.action(description="Run now (skip the remaining backoff)", permissions=["reprocess"])
     def run_now(self, request: HttpRequest, queryset: QuerySet[Visit]) -> Any:
-        return _operate(
-            self,
-            request,
-            queryset,
-            title="Run now",
-            form_class=ReasonForm,
-            perform=lambda visit, data: visit_skip_backoff(
-                visit=visit, actor=request.user, reason=data["reason"]
-            ),
-        )
+        return _operate(self, request, queryset, OPERATIONS["run_now"])
 
     @admin.action(description="Re-run from stage…", permissions=["reprocess"])
     def rerun_from_stage(self, request: HttpRequest, queryset: QuerySet[Visit]) -> Any:
-        return _operate(
-            self,
-            request,
-            queryset,
-            title="Re-run from stage",
-            form_class=RerunForm,
-            perform=lambda visit, data: visit_rerun_from(
-                visit=visit, stage=data["stage"], actor=request.user, reason=data["reason"]
-            ),
-        )
+        return _operate(self, request, queryset, OPERATIONS["rerun_from_stage"])
 
     @admin.action(description="Cancel", permissions=["reprocess"])
     def cancel(self, request: HttpRequest, queryset: QuerySet[Visit]) -> Any:
-        return _operate(
-            self,
-            request,
-            queryset,
-            title="Cancel",
-            form_class=ReasonForm,
-            perform=lambda visit, data: visit_cancel(
-                visit=visit, actor=request.user, reason=data["reason"]
-            ),
-        )
+        return _operate(self, request, queryset, OPERATIONS["cancel"])
