@@ -60,7 +60,9 @@ def transcribe(ctx: StageContext) -> TranscribeOutput:
     reused = 0
     ctx.progress(0, len(bounds))
     for index, (start, end) in enumerate(bounds):
-        key = f"chunk:{index:05d}:{start}:{end}"
+        # The key names how a chunk was cut into segments: a retry after a change of that
+        # rule transcribes again rather than mix two kinds of segment in one transcript.
+        key = f"chunk:{transcription.SEGMENTS_VERSION}:{index:05d}:{start}:{end}"
         if key in done:
             chunk = done[key]
             reused += 1
