@@ -21,6 +21,7 @@ from django.views.decorators.http import (
     require_POST,
     require_safe,
 )
+from django_htmx.http import HttpResponseClientRedirect
 
 from pipeline.errors import PipelineError
 from pipeline.states import FINAL_RUN_STATUSES
@@ -46,6 +47,7 @@ from visits.uploads import RecordingSizeLimit
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
+    from django_htmx.middleware import HtmxDetails
 
 
 # The list shows the newest visits; older ones are a search away in the admin.
@@ -53,9 +55,11 @@ LIST_LIMIT = 200
 
 
 class AuthenticatedHttpRequest(HttpRequest):
-    """The request of a view behind `login_required`: its user is signed in."""
+    """The request of a view behind `login_required`: its user is signed in (and, through
+    django-htmx's middleware, it says whether our scripts sent it)."""
 
     user: User
+    htmx: HtmxDetails
 
 
 @login_required
@@ -108,6 +112,10 @@ def _visit_upload(request: AuthenticatedHttpRequest, limit: RecordingSizeLimit) 
         else:
             visit_start(visit=visit)
             messages.success(request, "Recording received; the pipeline has started.")
+            if request.htmx:
+                # The upload script sent it: it goes to the visit itself, so the message above
+                # is shown there and not spent on a redirect the script would follow.
+                return HttpResponseClientRedirect(reverse("visits:detail", args=[visit.pk]))
             return redirect("visits:detail", visit_id=visit.pk)
     return render(request, "visits/upload.html", _upload_context(form), status=400)
 

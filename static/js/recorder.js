@@ -156,7 +156,12 @@
       return;
     }
     var mime = chooseMime();
-    navigator.mediaDevices.getUserMedia({ audio: true }).then(function (s) {
+    // The speech as spoken, for a transcription model: the browser's call processing (echo
+    // cancellation, noise suppression, gain control) is tuned for calls and garbles words; with
+    // it, tiny.en heard the sample's "I have a headache" as "I am a panic". Browsers that cannot
+    // turn it off ignore these (they are not `exact`), so recording still starts.
+    var audio = { echoCancellation: false, noiseSuppression: false, autoGainControl: false };
+    navigator.mediaDevices.getUserMedia({ audio: audio }).then(function (s) {
       stream = s;
       session = crypto.randomUUID();
       index = 0; pausedMs = 0; pausedAt = 0; startedAt = Date.now();

@@ -2,7 +2,8 @@
 //
 // Without this script the form posts as usual; with it the same POST goes through
 // XMLHttpRequest so that its progress can be shown. The server answers as it would the plain
-// form: a redirect to the new visit, or the page again with the reason the file was refused.
+// form, except that it names the new visit's page (HX-Redirect) instead of redirecting to it;
+// or it sends the page again with the reason the file was refused.
 (function () {
   "use strict";
 
@@ -36,6 +37,7 @@
       event.preventDefault();
       var xhr = new XMLHttpRequest();
       xhr.open("POST", form.action || window.location.href);
+      xhr.setRequestHeader("HX-Request", "true"); // the server answers with where to go next
       xhr.upload.addEventListener("progress", function (progress) {
         if (!progress.lengthComputable) return;
         bar.hidden = false;
@@ -44,8 +46,9 @@
         note.textContent = "Uploading… " + Math.round((100 * progress.loaded) / progress.total) + "%";
       });
       xhr.addEventListener("load", function () {
-        if (xhr.status < 300 && xhr.responseURL && xhr.responseURL !== window.location.href) {
-          window.location.assign(xhr.responseURL); // the new visit's page
+        var next = xhr.getResponseHeader("HX-Redirect");
+        if (xhr.status < 300 && next) {
+          window.location.assign(next); // the new visit's page
           return;
         }
         // Refused: show the page's answer (the form with its reason) in place.
