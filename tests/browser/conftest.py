@@ -13,12 +13,21 @@ in between: the rest of the suite runs exactly as without the plugin."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, BrowserType, Playwright, expect, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserType,
+    Page,
+    Playwright,
+    expect,
+    sync_playwright,
+)
 
 from tests.support.cluster import Cluster
 
@@ -106,3 +115,19 @@ def start_cluster(transactional_db, tmp_path: Path) -> Iterator[Callable[[], Clu
     yield start
     for cluster in started:
         cluster.kill()  # a graceful django-q2 shutdown takes ~15 s and proves nothing here
+
+
+@pytest.fixture
+def screenshot(tmp_path: Path) -> Callable[[Page, str], Path]:
+    """Save what a page shows (the viewport, as a person sees it). With SCREENSHOTS_DIR set, as
+    `make screenshots` does, a copy goes there too: the README's pictures come from these."""
+
+    def take(page: Page, name: str) -> Path:
+        path = tmp_path / f"{name}.png"
+        page.screenshot(path=path)
+        if target := os.environ.get("SCREENSHOTS_DIR"):
+            Path(target).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, Path(target) / path.name)
+        return path
+
+    return take

@@ -7,7 +7,6 @@ the test database, as in tests/pipeline/test_cluster.py) does it while the page 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
@@ -48,12 +47,13 @@ def test_log_in_through_the_form_lands_on_the_visit_list(live_server, page: Page
 
 @pytest.mark.cluster
 def test_upload_then_watch_the_run_succeed_without_a_reload(
-    live_server, start_cluster, page: Page, clinician
+    live_server, start_cluster, page: Page, clinician, screenshot
 ):
     log_in(page, clinician.username)
     page.get_by_role("link", name="New visit").click()
     page.locator('input[name="label"]').fill("browser test")
     page.locator(RECORDING_INPUT).set_input_files(SHORT_VISIT)
+    screenshot(page, "upload")
     page.get_by_role("button", name="Upload and process").click()
 
     expect(page).to_have_url(re.compile(r"/visits/\d+/$"))
@@ -62,6 +62,7 @@ def test_upload_then_watch_the_run_succeed_without_a_reload(
     # No worker yet: the run is certainly still waiting, so what follows is a live update.
     expect(status).to_have_text("queued")
     page.evaluate("window.__marker = 1")
+    screenshot(page, "visit-live")
 
     cluster = start_cluster()
     try:
@@ -105,7 +106,7 @@ def test_another_clinicians_visit_answers_404(live_server, page: Page, clinician
 
 @pytest.mark.cluster
 def test_a_citation_highlights_its_segment_and_seeks_the_recording(
-    live_server, start_cluster, page: Page, clinician, tmp_path: Path
+    live_server, start_cluster, page: Page, clinician, screenshot
 ):
     cluster = start_cluster()
     visit = visit_create(clinician=clinician, recording=SHORT_VISIT)
@@ -164,6 +165,4 @@ def test_a_citation_highlights_its_segment_and_seeks_the_recording(
         arg=[target],
         timeout=10_000,
     )
-    screenshot = tmp_path / "visit-finished.png"
-    page.screenshot(path=screenshot)  # the viewport, as seen: the player is sticky
-    print(f"screenshot: {screenshot}")
+    screenshot(page, "visit-finished")
