@@ -5,7 +5,9 @@ from django.conf import settings
 from django.template.defaultfilters import filesizeformat
 
 from visits.errors import RecordingRejected
-from visits.services import RECORDING_EXTENSIONS, recording_validate
+from visits.services import RECORDING_EXTENSIONS, recording_validate, visit_ref_validate
+
+_REF_HELP = "Optional: the EHR's identifier (an MRN or FHIR id), never a name."
 
 
 class VisitUploadForm(forms.Form):
@@ -13,6 +15,12 @@ class VisitUploadForm(forms.Form):
         max_length=200,
         required=False,
         help_text="Optional, for your own reference. Avoid patient names.",
+    )
+    patient_ref = forms.CharField(
+        label="Patient reference", max_length=64, required=False, help_text=_REF_HELP
+    )
+    encounter_ref = forms.CharField(
+        label="Encounter reference", max_length=64, required=False, help_text=_REF_HELP
     )
     recording = forms.FileField(
         help_text="WAV, MP3, M4A, OGG, FLAC or WebM.",
@@ -26,6 +34,12 @@ class VisitUploadForm(forms.Form):
             # The upload was stopped part-way: the file is absent because it was too big, not
             # because none was chosen, so say only the first.
             self.fields["recording"].required = False
+
+    def clean_patient_ref(self) -> str:
+        return _ref(self.cleaned_data["patient_ref"], what="patient reference")
+
+    def clean_encounter_ref(self) -> str:
+        return _ref(self.cleaned_data["encounter_ref"], what="encounter reference")
 
     def clean_recording(self) -> object:
         recording = self.cleaned_data["recording"]
@@ -46,3 +60,21 @@ class VisitUploadForm(forms.Form):
                 "the parts as separate visits.",
             )
         return super().clean()
+
+
+def _ref(value: str, *, what: str) -> str:
+    try:
+        return visit_ref_validate(value, what=what)
+    except RecordingRejected as exc:
+        raise forms.ValidationError(str(exc)) from exc
+
+
+class VisitRefsForm(forms.Form):
+    """The clinician corrects a visit's EHR references before signing."""
+
+    patient_ref = forms.CharField(
+        label="Patient reference", max_length=64, required=False, help_text=_REF_HELP
+    )
+    encounter_ref = forms.CharField(
+        label="Encounter reference", max_length=64, required=False, help_text=_REF_HELP
+    )

@@ -27,6 +27,10 @@ class Visit(models.Model):
     current_run = models.ForeignKey(
         Run, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
+    # Opaque identifiers in the EHR (an MRN, a FHIR id): never a name. Checked by
+    # `visits.services.visit_ref_validate`.
+    patient_ref = models.CharField(max_length=64, blank=True)
+    encounter_ref = models.CharField(max_length=64, blank=True)
     # Set for a recording made in the browser: its session, so that sending it twice makes
     # one visit.
     recording_session = models.UUIDField(null=True, blank=True, unique=True, editable=False)

@@ -52,6 +52,12 @@ def visits_of_clinician(user: User) -> QuerySet[Visit]:
     return Visit.objects.filter(clinician=user).select_related("current_run")
 
 
+def visit_note_signed(visit: Visit) -> bool:
+    """Whether the note of the visit's current run is signed (and so final)."""
+    run_id = visit.current_run_id
+    return run_id is not None and NoteSignature.objects.filter(run_id=run_id).exists()
+
+
 def visit_stages(visit: Visit) -> list[Stage]:
     """The stages of the visit's current run, with their attempts."""
     return run_stages(visit.current_run_id) if visit.current_run_id else []
@@ -153,6 +159,8 @@ class VisitStatus(BaseModel):
     """Everything about a visit's pipeline and its results, as one document."""
 
     visit: int
+    patient_ref: str
+    encounter_ref: str
     status: str
     run: int | None
     stages: list[StageDoc]
@@ -202,6 +210,8 @@ def visit_status_document(visit: Visit, stages: list[Stage] | None = None) -> Vi
     latest: NoteOutput | SummarizeOutput | None = noted or summarized
     return VisitStatus(
         visit=visit.pk,
+        patient_ref=visit.patient_ref,
+        encounter_ref=visit.encounter_ref,
         status=visit.current_run.status if visit.current_run else "queued",
         run=visit.current_run_id,
         stages=[

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from pipeline.selectors import run_of_subject, stage_output
 from visits.errors import SUPPORTED_FORMATS, RecordingRejected
 from visits.models import NoteSignature, Visit
 from visits.schemas import NoteOutput
+from visits.selectors import visit_note_signed
 from visits.stages import VISIT_WORKFLOW
 
 if TYPE_CHECKING:
@@ -54,14 +56,34 @@ def recording_validate(*, name: str, size: int) -> None:
         )
 
 
+# An identifier, not a description: letters, digits and . _ : / | - only, so that no name or
+# free text (which would carry spaces) lands in a field that travels to the EHR.
+_REF = re.compile(r"[A-Za-z0-9._:/|-]{1,64}")
+
+
+def visit_ref_validate(value: str, *, what: str) -> str:
+    """An opaque EHR identifier (MRN, FHIR id), stripped; empty is allowed."""
+    value = value.strip()
+    if value and not _REF.fullmatch(value):
+        raise RecordingRejected(
+            f"The {what} “{value[:80]}” is not an identifier: use the EHR's id (letters, digits "
+            "and . _ : / | - only, at most 64), never a name."
+        )
+    return value
+
+
 def visit_create(
     *,
     clinician: User,
     recording: UploadedFile | Path,
     label: str = "",
     recording_session: uuid.UUID | None = None,
+    patient_ref: str = "",
+    encounter_ref: str = "",
 ) -> Visit:
     """Store the recording privately, create the visit and its first run (not yet started)."""
+    patient_ref = visit_ref_validate(patient_ref, what="patient reference")
+    encounter_ref = visit_ref_validate(encounter_ref, what="encounter reference")
     if isinstance(recording, Path):
         name, size = recording.name, recording.stat().st_size
     else:
@@ -73,6 +95,8 @@ def visit_create(
         recording_name=name[:255],
         recording_bytes=size,
         recording_session=recording_session,
+        patient_ref=patient_ref,
+        encounter_ref=encounter_ref,
     )
     # The file is copied in chunks before the transaction: a failed insert leaves only an
     # unreferenced file, never a visit pointing at a half-written one.
@@ -168,6 +192,22 @@ def _current_run(visit: Visit) -> Run:
     if visit.current_run is None:
         raise OperationRefused(f"Visit {visit.pk} has no run.")
     return visit.current_run
+
+
+def visit_refs_update(
+    *, visit: Visit, clinician: User, patient_ref: str, encounter_ref: str
+) -> Visit:
+    """The visit's clinician corrects its EHR references, until its current note is signed."""
+    if visit.clinician_id != clinician.pk:
+        raise PermissionDenied("Only the visit's clinician can change its references.")
+    if visit_note_signed(visit):
+        raise OperationRefused(
+            "The note is signed: its references are part of what was signed and cannot change."
+        )
+    visit.patient_ref = visit_ref_validate(patient_ref, what="patient reference")
+    visit.encounter_ref = visit_ref_validate(encounter_ref, what="encounter reference")
+    visit.save(update_fields=["patient_ref", "encounter_ref"])
+    return visit
 
 
 def note_sign(*, visit: Visit, run_id: int, clinician: User) -> NoteSignature:

@@ -18,4 +18,5 @@ urlpatterns = [
     path("visits/<int:visit_id>/live/", views.visit_live, name="live"),
     path("visits/<int:visit_id>/recording/", views.visit_recording, name="recording"),
     path("visits/<int:visit_id>/sign/", views.note_sign_view, name="sign"),
+    path("visits/<int:visit_id>/refs/", views.visit_refs, name="refs"),
 ]

@@ -30,7 +30,7 @@ from visits.browser_recordings import (
     recording_piece_save,
     recording_session_finish,
 )
-from visits.forms import VisitUploadForm
+from visits.forms import VisitRefsForm, VisitUploadForm
 from visits.recording_response import recording_response
 from visits.selectors import (
     NoteVersion,
@@ -42,7 +42,7 @@ from visits.selectors import (
     visits_of_clinician,
     visits_visible_to,
 )
-from visits.services import note_sign, visit_create, visit_start
+from visits.services import note_sign, visit_create, visit_refs_update, visit_start
 from visits.uploads import RecordingSizeLimit
 
 if TYPE_CHECKING:
@@ -106,6 +106,8 @@ def _visit_upload(request: AuthenticatedHttpRequest, limit: RecordingSizeLimit) 
                 clinician=request.user,
                 recording=form.cleaned_data["recording"],
                 label=form.cleaned_data["label"],
+                patient_ref=form.cleaned_data["patient_ref"],
+                encounter_ref=form.cleaned_data["encounter_ref"],
             )
         except PipelineError as exc:
             form.add_error("recording", str(exc))
@@ -223,6 +225,25 @@ def note_sign_view(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResp
         messages.error(request, str(exc))
     else:
         messages.success(request, "Note signed. A later re-run makes a new, unsigned version.")
+    return redirect("visits:detail", visit_id=visit.pk)
+
+
+@login_required
+@require_POST
+def visit_refs(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
+    """The clinician corrects the visit's EHR references (until the note is signed)."""
+    visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+    form = VisitRefsForm(request.POST)
+    if not form.is_valid():
+        for message in form.errors.get_json_data().values():
+            messages.error(request, " ".join(error["message"] for error in message))
+        return redirect("visits:detail", visit_id=visit.pk)
+    try:
+        visit_refs_update(visit=visit, clinician=request.user, **form.cleaned_data)
+    except (PipelineError, PermissionDenied) as exc:
+        messages.error(request, str(exc))
+    else:
+        messages.success(request, "References saved.")
     return redirect("visits:detail", visit_id=visit.pk)
 
 

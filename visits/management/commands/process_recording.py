@@ -26,6 +26,18 @@ class Command(BaseCommand):
             help=f"Owner of the visit (default: the service account “{CLI_CLINICIAN}”).",
         )
         parser.add_argument(
+            "--patient-ref",
+            default="",
+            metavar="ID",
+            help="The patient's identifier in the EHR (an MRN or FHIR id), never a name.",
+        )
+        parser.add_argument(
+            "--encounter-ref",
+            default="",
+            metavar="ID",
+            help="The encounter's identifier in the EHR.",
+        )
+        parser.add_argument(
             "--inline",
             action="store_true",
             help="Run the pipeline in this process, retries and backoff included; no cluster.",
@@ -47,7 +59,12 @@ class Command(BaseCommand):
             raise CommandError(f"{path}: cannot be read ({exc.strerror}).") from exc
         owner = _clinician(clinician)
         with refusals_as_command_errors():
-            visit = visit_create(clinician=owner, recording=path)
+            visit = visit_create(
+                clinician=owner,
+                recording=path,
+                patient_ref=options["patient_ref"],
+                encounter_ref=options["encounter_ref"],
+            )
         visit_start(visit=visit, inline=inline)
         visit.refresh_from_db()
         status_write(self, visit, as_json=options["json"])
