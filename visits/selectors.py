@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 from django.db.models import QuerySet
 from django.utils import timezone
 from pydantic import BaseModel
+from textstat.textstat import textstat as readability
 
 from pipeline.selectors import (
     output_of,
@@ -22,6 +24,7 @@ from pipeline.states import StageStatus
 from visits.models import NoteSignature, Visit
 from visits.schemas import (
     ClinicalSummary,
+    Finding,
     IngestOutput,
     NoteOutput,
     PostVisitNote,
@@ -303,3 +306,46 @@ def note_diff(older: NoteVersion, newer: NoteVersion) -> list[tuple[str, str]]:
         for line in difflib.ndiff(older.lines(), newer.lines())
         if line[0] in "-+ "
     ]
+
+
+# --- the after-visit summary for the patient -------------------------------------------------
+
+_CHANGED = re.compile(r"\b(increase|decrease|start|stop|change|switch|prescrib\w*|new)\b", re.I)
+_COME_BACK = re.compile(
+    r"\b(follow[- ]up|come back|return|see you|next visit|in \w+ (days?|weeks?|months?))\b", re.I
+)
+
+
+@dataclass(frozen=True)
+class AfterVisitSummary:
+    """The note in the patient's words, under the four questions a patient asks."""
+
+    found: list[Finding]  # what we found
+    changed: list[Finding]  # what we changed
+    to_do: list[Finding]  # what to do
+    come_back: list[Finding]  # when to come back
+    reading_grade: float  # Flesch-Kincaid grade of all of it; aim at 8 or below
+    signed_by: str | None  # None: a draft, printed as such
+
+    @property
+    def is_draft(self) -> bool:
+        return self.signed_by is None
+
+
+def after_visit_summary(version: NoteVersion) -> AfterVisitSummary:
+    """Sort a note version's plain-language summary and plan under the patient's questions."""
+    note = version.note
+    plan = note.soap.plan
+    come_back = [item for item in plan if _COME_BACK.search(item.text)]
+    changed = [item for item in plan if item not in come_back and _CHANGED.search(item.text)]
+    to_do = [item for item in plan if item not in come_back and item not in changed]
+    found = list(note.patient_summary)
+    text = " ".join(item.text for item in [*found, *changed, *to_do, *come_back])
+    return AfterVisitSummary(
+        found=found,
+        changed=changed,
+        to_do=to_do,
+        come_back=come_back,
+        reading_grade=float(readability.flesch_kincaid_grade(text)) if text.strip() else 0.0,
+        signed_by=version.signed_by,
+    )

@@ -34,6 +34,7 @@ from visits.forms import VisitRefsForm, VisitUploadForm
 from visits.recording_response import recording_response
 from visits.selectors import (
     NoteVersion,
+    after_visit_summary,
     note_diff,
     transcription_progress,
     visit_note_versions,
@@ -226,6 +227,21 @@ def note_sign_view(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResp
     else:
         messages.success(request, "Note signed. A later re-run makes a new, unsigned version.")
     return redirect("visits:detail", visit_id=visit.pk)
+
+
+@login_required
+@require_GET
+def visit_after_visit_summary(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
+    """The patient's printable summary of the current note version; a draft prints as such."""
+    visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+    current = next((v for v in visit_note_versions(visit) if v.is_current), None)
+    if current is None:
+        messages.error(request, "There is no note yet to summarise for the patient.")
+        return redirect("visits:detail", visit_id=visit.pk)
+    context = {"visit": visit, "summary": after_visit_summary(current), "version": current}
+    response = render(request, "visits/after_visit_summary.html", context)
+    response["Cache-Control"] = "private, no-store"
+    return response
 
 
 @login_required

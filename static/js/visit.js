@@ -43,6 +43,10 @@
   }
 
   document.addEventListener("click", function (event) {
+    if (event.target.closest("[data-action=print]")) {
+      window.print();
+      return;
+    }
     var cite = event.target.closest("[data-cite]");
     if (cite) {
       event.preventDefault();
