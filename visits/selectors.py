@@ -14,6 +14,7 @@ from django.utils import timezone
 from pydantic import BaseModel
 from textstat.textstat import textstat as readability
 
+from pipeline.errors import OperationRefused
 from pipeline.selectors import (
     output_of,
     run_stages,
@@ -259,11 +260,13 @@ def visit_status_document(visit: Visit, stages: list[Stage] | None = None) -> Vi
 
 @dataclass(frozen=True)
 class NoteVersion:
+    number: int  # 1 for the visit's first note, in the order the runs were made
     run_id: int
     created_at: datetime
     engine: str
     note: PostVisitNote
     signed_by: str | None
+    signed_at: datetime | None
     is_current: bool
 
     def lines(self) -> list[str]:
@@ -283,20 +286,42 @@ def note_lines(note: PostVisitNote) -> list[str]:
 
 def visit_note_versions(visit: Visit) -> list[NoteVersion]:
     """Every note the visit's runs produced, oldest first, with who signed which."""
-    signed = dict(
-        NoteSignature.objects.filter(visit=visit).values_list("run_id", "signed_by__username")
-    )
+    signed = {
+        run_id: (username, signed_at)
+        for run_id, username, signed_at in NoteSignature.objects.filter(visit=visit).values_list(
+            "run_id", "signed_by__username", "signed_at"
+        )
+    }
     return [
         NoteVersion(
+            number=number,
             run_id=version.run_id,
             created_at=version.created_at,
             engine=version.output.engine,
             note=version.output.note,
-            signed_by=signed.get(version.run_id),
+            signed_by=signed.get(version.run_id, (None, None))[0],
+            signed_at=signed.get(version.run_id, (None, None))[1],
             is_current=version.run_id == visit.current_run_id,
         )
-        for version in stage_outputs_of_subject(visit.subject, "note", NoteOutput)
+        for number, version in enumerate(
+            stage_outputs_of_subject(visit.subject, "note", NoteOutput), start=1
+        )
     ]
+
+
+def note_version_pick(visit: Visit, number: str | int | None) -> NoteVersion:
+    """Version `number` of the visit's note (1 is the first), or the current one when None."""
+    versions = visit_note_versions(visit)
+    if number in (None, ""):
+        found = next((v for v in versions if v.is_current), None)
+    else:
+        found = next((v for v in versions if str(v.number) == str(number).strip()), None)
+    if found is None:
+        have = ", ".join(str(v.number) for v in versions) or "none yet"
+        raise OperationRefused(
+            f"Visit {visit.pk} has no note version {number or '(current)'}; versions: {have}."
+        )
+    return found
 
 
 def note_diff(older: NoteVersion, newer: NoteVersion) -> list[tuple[str, str]]:

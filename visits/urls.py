@@ -19,6 +19,7 @@ urlpatterns = [
     path("visits/<int:visit_id>/recording/", views.visit_recording, name="recording"),
     path("visits/<int:visit_id>/sign/", views.note_sign_view, name="sign"),
     path("visits/<int:visit_id>/refs/", views.visit_refs, name="refs"),
+    path("visits/<int:visit_id>/fhir/", views.visit_fhir, name="fhir"),
     path(
         "visits/<int:visit_id>/after-visit-summary/",
         views.visit_after_visit_summary,

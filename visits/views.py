@@ -30,12 +30,14 @@ from visits.browser_recordings import (
     recording_piece_save,
     recording_session_finish,
 )
+from visits.fhir import FHIR_JSON, note_bundle_json
 from visits.forms import VisitRefsForm, VisitUploadForm
 from visits.recording_response import recording_response
 from visits.selectors import (
     NoteVersion,
     after_visit_summary,
     note_diff,
+    note_version_pick,
     transcription_progress,
     visit_note_versions,
     visit_stages,
@@ -241,6 +243,23 @@ def visit_after_visit_summary(request: AuthenticatedHttpRequest, visit_id: int) 
     context = {"visit": visit, "summary": after_visit_summary(current), "version": current}
     response = render(request, "visits/after_visit_summary.html", context)
     response["Cache-Control"] = "private, no-store"
+    return response
+
+
+@login_required
+@require_GET
+def visit_fhir(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
+    """The current note version (or `?version=N`) as a FHIR R4 document Bundle."""
+    visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+    try:
+        version = note_version_pick(visit, request.GET.get("version"))
+    except PipelineError as exc:
+        return JsonResponse({"error": str(exc)}, status=404)
+    response = HttpResponse(note_bundle_json(visit, version), content_type=FHIR_JSON)
+    response["Cache-Control"] = "private, no-store"
+    response["Content-Disposition"] = (
+        f'attachment; filename="visit-{visit.pk}-note-{version.number}.fhir.json"'
+    )
     return response
 
 

@@ -1,0 +1,30 @@
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from visits.fhir import note_bundle_json
+from visits.management.output import refusals_as_command_errors
+from visits.models import Visit
+from visits.selectors import note_version_pick
+
+
+class Command(BaseCommand):
+    help = "Print a visit's note as a FHIR R4 document Bundle (JSON), validated before printing."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("visit_id", type=int, metavar="VISIT_ID", help="The visit's id.")
+        # Django's own --version (the framework's) takes that name, hence --note-version.
+        parser.add_argument(
+            "--note-version",
+            type=int,
+            metavar="N",
+            help="Which version of the note (1 is the first); default: the current one.",
+        )
+
+    def handle(self, *args: Any, visit_id: int, note_version: int | None, **options: Any) -> None:
+        visit = Visit.objects.select_related("clinician").filter(pk=visit_id).first()
+        if visit is None:
+            raise CommandError(f"No visit with id {visit_id}.")
+        with refusals_as_command_errors():
+            chosen = note_version_pick(visit, note_version)
+        self.stdout.write(note_bundle_json(visit, chosen))
