@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from pathlib import PurePath
 from typing import TYPE_CHECKING
 
@@ -32,6 +33,7 @@ from visits.browser_recordings import (
 )
 from visits.fhir import FHIR_JSON, note_bundle_json
 from visits.forms import VisitRefsForm, VisitUploadForm
+from visits.models import Visit
 from visits.recording_response import recording_response
 from visits.selectors import (
     NoteVersion,
@@ -219,15 +221,29 @@ def _comparison(request: HttpRequest, versions: list[NoteVersion]) -> dict[str, 
 @require_POST
 def note_sign_view(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
     visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
-    try:
-        run_id = int(request.POST.get("run", ""))
-        note_sign(visit=visit, run_id=run_id, clinician=request.user)
-    except ValueError:
+    run = request.POST.get("run", "")
+    if not run.isdigit():
         messages.error(request, "Choose a version of the note to sign.")
+        return redirect("visits:detail", visit_id=visit.pk)
+    return _act_on_visit(
+        request,
+        visit,
+        lambda: note_sign(visit=visit, run_id=int(run), clinician=request.user),
+        done="Note signed. A later re-run makes a new, unsigned version.",
+    )
+
+
+def _act_on_visit(
+    request: AuthenticatedHttpRequest, visit: Visit, action: Callable[[], object], *, done: str
+) -> HttpResponse:
+    """Do a clinician's action on the visit and go back to its page, saying what happened.
+    This is where the views turn a refusal (ours or a permission) into words."""
+    try:
+        action()
     except (PipelineError, PermissionDenied) as exc:
         messages.error(request, str(exc))
     else:
-        messages.success(request, "Note signed. A later re-run makes a new, unsigned version.")
+        messages.success(request, done)
     return redirect("visits:detail", visit_id=visit.pk)
 
 
@@ -273,13 +289,12 @@ def visit_refs(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse
         for message in form.errors.get_json_data().values():
             messages.error(request, " ".join(error["message"] for error in message))
         return redirect("visits:detail", visit_id=visit.pk)
-    try:
-        visit_refs_update(visit=visit, clinician=request.user, **form.cleaned_data)
-    except (PipelineError, PermissionDenied) as exc:
-        messages.error(request, str(exc))
-    else:
-        messages.success(request, "References saved.")
-    return redirect("visits:detail", visit_id=visit.pk)
+    return _act_on_visit(
+        request,
+        visit,
+        lambda: visit_refs_update(visit=visit, clinician=request.user, **form.cleaned_data),
+        done="References saved.",
+    )
 
 
 @login_required

@@ -77,5 +77,6 @@ def test_only_the_visits_clinician_can_sign_and_only_once(client, clinician, ope
     response = client.post(url, {"run": visit.current_run_id}, follow=True)
     assert NoteSignature.objects.count() == 1
     assert "already signed" in response.content.decode()
-    assert client.post(url, {"run": "not-a-number"}).status_code == 302
+    refused = client.post(url, {"run": "not-a-number"}, follow=True)
+    assert "Choose a version of the note to sign." in refused.content.decode()
     assert client.get(url).status_code == 405
