@@ -26,7 +26,7 @@ from django.utils import timezone
 from django.utils.html import escape
 from fhir.resources.R4B.bundle import Bundle
 
-from pipeline.selectors import runs_of_subject, stage_output
+from pipeline.selectors import run_of_subject, stage_output
 from visits.models import Visit
 from visits.schemas import Finding, SummarizeOutput
 from visits.selectors import NoteVersion
@@ -76,7 +76,7 @@ def note_bundle(visit: Visit, version: NoteVersion, *, now: datetime | None = No
     """The FHIR document of one note version (a draft is `preliminary`, a signed one `final`)."""
     identifier = note_identifier(visit, version)
     composition_url = _urn(identifier, "Composition")
-    run = next((r for r in runs_of_subject(visit.subject) if r.pk == version.run_id), None)
+    run = run_of_subject(visit.subject, version.run_id)
     summarized = stage_output(run, "summarize", SummarizeOutput) if run else None
     summary = summarized.summary if summarized else None
     soap = version.note.soap
