@@ -218,3 +218,10 @@ LLM_RUN_TOKEN_BUDGET = env_int("LLM_RUN_TOKEN_BUDGET", 200_000)
 LLM_PRICE_TABLE = Path(env_str("LLM_PRICE_TABLE", str(BASE_DIR / "fixtures" / "prices.json")))
 # Route transcription to its own django-q2 cluster (e.g. dedicated hosts); empty = default.
 TRANSCRIBE_QUEUE = env_str("TRANSCRIBE_QUEUE", "")
+
+# --- Delivery of signed notes to the EHR ---------------------------------------------------
+# A FHIR R4 server's base URL (e.g. https://ehr.example.org/fhir); empty: notes are not sent.
+FHIR_BASE_URL = env_str("FHIR_BASE_URL", "").rstrip("/")
+# Sent as "Authorization: Bearer ..."; never logged, never stored.
+FHIR_AUTH_TOKEN = env_str("FHIR_AUTH_TOKEN", "")
+FHIR_TIMEOUT_SECONDS = env_float("FHIR_TIMEOUT_SECONDS", 30.0)

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from pipeline import prices, store
 from pipeline.errors import BudgetExceeded, OutputInvalid, PermanentError, TransientError
+from pipeline.policy import http_status_is_transient, retry_after_seconds
 from pipeline.selectors import usage_totals
 
 if TYPE_CHECKING:
@@ -34,9 +35,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=BaseModel)
 OFFLINE_MODEL = "offline-engine"
-
-# HTTP statuses worth another try besides 5xx; every other error status is permanent.
-_TRANSIENT_STATUSES = frozenset({408, 409, 429})
 
 
 def request_digest(model: str, messages: Sequence[Mapping[str, Any]], response_format: Any) -> str:
@@ -68,8 +66,8 @@ def classify_openai_error(exc: openai.OpenAIError) -> TransientError | Permanent
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         code = f"llm_http_{status}"
-        if status in _TRANSIENT_STATUSES or status >= 500:
-            retry_after = _retry_after_seconds(exc.response.headers.get("retry-after"))
+        if http_status_is_transient(status):
+            retry_after = retry_after_seconds(exc.response.headers.get("retry-after"))
             return TransientError(
                 f"the LLM provider answered HTTP {status}; will retry",
                 code=code,
@@ -87,13 +85,6 @@ def classify_openai_error(exc: openai.OpenAIError) -> TransientError | Permanent
             code=code,
         )
     return PermanentError(f"unexpected LLM client error: {exc}", code="llm_error")
-
-
-def _retry_after_seconds(value: str | None) -> float | None:
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:
-        return None
 
 
 class LLMGateway:

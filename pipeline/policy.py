@@ -99,6 +99,23 @@ def is_retryable(exc: BaseException, policy: RetryPolicy | None = None) -> bool:
     return isinstance(exc, Exception)
 
 
+# Answers of an HTTP service worth asking again: a timeout, a conflict that a moment may
+# resolve, a rate limit; and every 5xx. Anything else in 4xx is the request's own fault.
+TRANSIENT_HTTP_STATUSES = frozenset({408, 409, 429})
+
+
+def http_status_is_transient(status: int) -> bool:
+    return status in TRANSIENT_HTTP_STATUSES or status >= 500
+
+
+def retry_after_seconds(header: str | None) -> float | None:
+    """The delay an HTTP `Retry-After` header asks for, in seconds; None if absent or a date."""
+    try:
+        return max(0.0, float(header)) if header is not None else None
+    except ValueError:
+        return None
+
+
 def failure_from_exception(exc: BaseException, policy: RetryPolicy) -> Failure:
     return Failure(
         code=error_code(exc)[:64],

@@ -9,7 +9,6 @@ come back as the pydantic model their stage declares.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -30,7 +29,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.models import Attempt, LLMCall, Run, Stage
+from pipeline.models import Attempt, AuditEntry, LLMCall, Run, Stage
 from pipeline.states import StageStatus
 from pipeline.workflow import workflow_get
 
@@ -167,6 +166,25 @@ def runs_of_subject(subject: str) -> list[Run]:
     return list(Run.objects.filter(subject=subject).order_by("-created_at", "-id"))
 
 
+def runs_with_stages(subject: str, *, workflow: str) -> list[Run]:
+    """A subject's runs of one workflow, oldest first, each with its stages (in order) and
+    their attempts: three queries however many runs."""
+    attempts = Prefetch("attempts", queryset=Attempt.objects.order_by("number"))
+    stages = Prefetch(
+        "stages", queryset=Stage.objects.order_by("position").prefetch_related(attempts)
+    )
+    return list(
+        Run.objects.filter(subject=subject, workflow=workflow)
+        .prefetch_related(stages)
+        .order_by("created_at", "id")
+    )
+
+
+def audit_entries_of_subject(subject: str) -> list[AuditEntry]:
+    """What operators did to a subject's runs (retry, re-run, cancel), newest first."""
+    return list(AuditEntry.objects.filter(run__subject=subject).order_by("-created_at", "-id"))
+
+
 def run_of_subject(subject: str, run_id: int) -> Run | None:
     """One run, only if it belongs to `subject` (what a domain checks before acting on it)."""
     return Run.objects.filter(subject=subject, id=run_id).first()
@@ -200,32 +218,6 @@ def stage_output(run: Run, name: str, as_type: type[OutputT]) -> OutputT | None:
         .first()
     )
     return output_of([stage], name, as_type) if stage else None
-
-
-@dataclass(frozen=True)
-class RunOutput:
-    """One run's output of one stage: a version of what the stage produces for a subject."""
-
-    run_id: int
-    created_at: datetime
-    output: Any
-
-
-def stage_outputs_of_subject(subject: str, name: str, as_type: type[OutputT]) -> list[RunOutput]:
-    """Every committed output of stage `name` over a subject's runs, oldest run first."""
-    stages = (
-        Stage.objects.filter(run__subject=subject, name=name, status=StageStatus.SUCCEEDED)
-        .select_related("run")
-        .order_by("run__created_at", "run_id")
-    )
-    return [
-        RunOutput(
-            run_id=stage.run_id,
-            created_at=stage.run.created_at,
-            output=output_of([stage], name, as_type),
-        )
-        for stage in stages
-    ]
 
 
 def run_succeeded_stage_names(run: Run) -> set[str]:

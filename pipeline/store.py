@@ -343,6 +343,9 @@ def attempt_complete(
         Attempt.objects.filter(id=claim.attempt_id).update(
             status=AttemptStatus.SUCCEEDED, finished_at=now, **(usage or AttemptUsage()).columns()
         )
+        spec = workflow_get(claim.workflow).stage(claim.stage_name)
+        if spec.on_success is not None and spec.output is not None:
+            spec.on_success(Run.objects.get(id=claim.run_id), spec.output.model_validate(output))
         next_stage = (
             Stage.objects.filter(run_id=claim.run_id, position__gt=claim.position)
             .exclude(status=StageStatus.SUCCEEDED)

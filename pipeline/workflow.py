@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -18,8 +18,12 @@ from pipeline.policy import RetryPolicy
 
 if TYPE_CHECKING:
     from pipeline.context import StageContext
+    from pipeline.models import Run
 
 StageFunction = Callable[["StageContext"], BaseModel]
+# Called with the run and the stage's output model inside the transaction that commits the
+# output: for rows of the domain's own that must exist exactly when the output does.
+SuccessHook = Callable[["Run", Any], None]
 OutputT = TypeVar("OutputT", bound=BaseModel)
 
 
@@ -36,6 +40,9 @@ class StageSpec:
     queue: str | None = None
     # Shown to people (admin, status pages).
     title: str = ""
+    # Runs in the commit of a successful attempt (never for a failed, discarded or reused
+    # one); if it raises, the attempt fails and nothing of it is kept.
+    on_success: SuccessHook | None = None
 
     def output_dump(self, value: object) -> dict[str, object]:
         """Validate what the stage function returned against its model; the JSON to store."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
+from tests.fakes.fhir_server import FakeFhirServer
 from tests.fakes.llm_server import FakeLLMServer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,4 +67,14 @@ def llm_server(settings) -> Iterator[FakeLLMServer]:
         settings.OPENAI_BASE_URL = server.base_url
         settings.LLM_MODEL = "gpt-4o-mini"
         settings.LLM_REQUEST_TIMEOUT_SECONDS = 1.0
+        yield server
+
+
+@pytest.fixture
+def fhir_server(settings) -> Iterator[FakeFhirServer]:
+    """A real HTTP server playing the EHR's FHIR endpoint; signing delivers to it."""
+    with FakeFhirServer(hold_seconds=3.0) as server:
+        settings.FHIR_BASE_URL = server.base_url
+        settings.FHIR_AUTH_TOKEN = ""
+        settings.FHIR_TIMEOUT_SECONDS = 1.0
         yield server

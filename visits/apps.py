@@ -7,6 +7,8 @@ class VisitsConfig(AppConfig):
 
     def ready(self) -> None:
         from pipeline.workflow import workflow_register
+        from visits.delivery import NOTE_DELIVERY_WORKFLOW
         from visits.stages import VISIT_WORKFLOW
 
         workflow_register(VISIT_WORKFLOW)
+        workflow_register(NOTE_DELIVERY_WORKFLOW)

@@ -26,10 +26,10 @@ from django.utils import timezone
 from django.utils.html import escape
 from fhir.resources.R4B.bundle import Bundle
 
-from pipeline.selectors import run_of_subject, stage_output
-from visits.models import Visit
-from visits.schemas import Finding, SummarizeOutput
-from visits.selectors import NoteVersion
+from pipeline.errors import OperationRefused
+from pipeline.selectors import stage_output
+from visits.schemas import Finding, NoteItem, SummarizeOutput
+from visits.selectors import NoteEntry
 
 LOINC = "http://loinc.org"
 PROGRESS_NOTE = {"system": LOINC, "code": "11506-3", "display": "Progress note"}
@@ -40,8 +40,12 @@ _NAMESPACE = uuid.UUID("5b1c7f5e-2a47-4c55-9a8e-3f2d0c6b9e11")
 FHIR_JSON = "application/fhir+json"
 
 
-def note_identifier(visit: Visit, version: NoteVersion) -> str:
-    return f"visit-{visit.pk}-note-{version.number}"
+def note_identifier(visit_id: int, number: int) -> str:
+    return f"visit-{visit_id}-note-{number}"
+
+
+class NoteTampered(OperationRefused):
+    code = "note_tampered"
 
 
 def _urn(*parts: object) -> str:
@@ -55,7 +59,7 @@ def _reference(ref: str, kind: str) -> dict[str, Any]:
     return {"identifier": {"value": ref}, "type": kind}
 
 
-def _section(code: str, title: str, items: list[Finding]) -> dict[str, Any]:
+def _section(code: str, title: str, items: list[Finding] | list[NoteItem]) -> dict[str, Any]:
     listed = "".join(f"<li>{escape(item.text)}</li>" for item in items)
     div = (
         '<div xmlns="http://www.w3.org/1999/xhtml">'
@@ -72,31 +76,40 @@ def _section(code: str, title: str, items: list[Finding]) -> dict[str, Any]:
     return section
 
 
-def note_bundle(visit: Visit, version: NoteVersion, *, now: datetime | None = None) -> Bundle:
-    """The FHIR document of one note version (a draft is `preliminary`, a signed one `final`)."""
-    identifier = note_identifier(visit, version)
+def note_bundle(entry: NoteEntry, *, now: datetime | None = None) -> Bundle:
+    """The FHIR document of one note version: `preliminary` while a draft, `final` when signed,
+    `amended` when it replaced an earlier signed version. A signed version's document is the
+    same at every export (its timestamp is the signature's), so an EHR can compare them."""
+    version = entry.version
+    visit = version.visit
+    if not version.is_intact:
+        raise NoteTampered(
+            f"Version {version.number} of the note changed after it was signed: its stored "
+            "content no longer matches its signature. It is not exported; tell your privacy "
+            "officer."
+        )
+    identifier = note_identifier(visit.pk, version.number)
     composition_url = _urn(identifier, "Composition")
-    run = run_of_subject(visit.subject, version.run_id)
-    summarized = stage_output(run, "summarize", SummarizeOutput) if run else None
+    summarized = stage_output(version.run, "summarize", SummarizeOutput)
     summary = summarized.summary if summarized else None
-    soap = version.note.soap
+    note = version.note
     sections = []
     if summary is not None:
         complaint = [summary.chief_complaint] if summary.chief_complaint else []
         sections.append(_section("10154-3", "Chief complaint", complaint))
         sections.append(_section("10164-2", "History of present illness", summary.history))
     sections += [
-        _section("61150-9", "Subjective", soap.subjective),
-        _section("61149-1", "Objective", soap.objective),
-        _section("51848-0", "Assessment", soap.assessment),
-        _section("18776-5", "Plan of care", soap.plan),
-        _section("69730-0", "Instructions", version.note.patient_summary),
+        _section("61150-9", "Subjective", note.soap.subjective),
+        _section("61149-1", "Objective", note.soap.objective),
+        _section("51848-0", "Assessment", note.soap.assessment),
+        _section("18776-5", "Plan of care", note.soap.plan),
+        _section("69730-0", "Instructions", note.patient_summary),
     ]
     composition: dict[str, Any] = {
         "resourceType": "Composition",
         "id": composition_url.removeprefix("urn:uuid:"),
         "identifier": {"system": IDENTIFIER_SYSTEM, "value": identifier},
-        "status": "final" if version.signed_by else "preliminary",
+        "status": entry.fhir_status,
         "type": {"coding": [PROGRESS_NOTE]},
         "date": version.created_at.isoformat(),
         "author": [{"display": visit.clinician.get_username()}],
@@ -112,25 +125,34 @@ def note_bundle(visit: Visit, version: NoteVersion, *, now: datetime | None = No
             {
                 "mode": "legal",
                 "time": version.signed_at.isoformat(),
-                "party": {"display": version.signed_by},
+                "party": {"display": version.signed_by.get_username()},
             }
         ]
     document_reference: dict[str, Any] = {
         "resourceType": "DocumentReference",
         "id": _urn(identifier, "DocumentReference").removeprefix("urn:uuid:"),
-        "status": "current",
+        "status": "superseded" if entry.superseded_by is not None else "current",
         "docStatus": composition["status"],
         "type": {"coding": [PROGRESS_NOTE]},
         "content": [{"attachment": {"contentType": FHIR_JSON, "url": composition_url}}],
     }
+    if entry.amends is not None:
+        replaced = note_identifier(visit.pk, entry.amends)
+        document_reference["relatesTo"] = [
+            {
+                "code": "replaces",
+                "target": {"identifier": {"system": IDENTIFIER_SYSTEM, "value": replaced}},
+            }
+        ]
     if "subject" in composition:
         document_reference["subject"] = composition["subject"]
+    timestamp = version.signed_at or now or timezone.now()
     return Bundle.model_validate(
         {
             "resourceType": "Bundle",
             "identifier": {"system": IDENTIFIER_SYSTEM, "value": identifier},
             "type": "document",
-            "timestamp": (now or timezone.now()).isoformat(),
+            "timestamp": timestamp.isoformat(),
             "entry": [
                 {"fullUrl": composition_url, "resource": composition},
                 {
@@ -142,5 +164,5 @@ def note_bundle(visit: Visit, version: NoteVersion, *, now: datetime | None = No
     )
 
 
-def note_bundle_json(visit: Visit, version: NoteVersion) -> str:
-    return note_bundle(visit, version).model_dump_json(exclude_none=True, indent=2)
+def note_bundle_json(entry: NoteEntry) -> str:
+    return note_bundle(entry).model_dump_json(exclude_none=True, indent=2)

@@ -2,9 +2,12 @@ from typing import Any
 
 from django import forms
 from django.conf import settings
+from django.http import QueryDict
 from django.template.defaultfilters import filesizeformat
 
 from visits.errors import RecordingRejected
+from visits.notes import ItemEdit
+from visits.schemas import ChartNote
 from visits.services import RECORDING_EXTENSIONS, recording_validate, visit_ref_validate
 
 _REF_HELP = "Optional: the EHR's identifier (an MRN or FHIR id), never a name."
@@ -78,3 +81,23 @@ class VisitRefsForm(forms.Form):
     encounter_ref = forms.CharField(
         label="Encounter reference", max_length=64, required=False, help_text=_REF_HELP
     )
+
+
+def note_edits_from_post(post: QueryDict, note: ChartNote) -> dict[str, list[ItemEdit]]:
+    """The clinician's edit of `note` from the edit form: per part, field `<part>-<i>` holds
+    line i's text (emptied or ticked `<part>-<i>-remove` to remove it) and `<part>-new` the
+    lines they added, one per line. A line whose field is missing is kept as it was."""
+    edits: dict[str, list[ItemEdit]] = {}
+    for key, _, items in note.parts():
+        kept = [
+            ItemEdit(
+                index=i,
+                text="" if post.get(f"{key}-{i}-remove") else post.get(f"{key}-{i}", item.text),
+            )
+            for i, item in enumerate(items)
+        ]
+        added = [
+            ItemEdit(index=None, text=line) for line in post.get(f"{key}-new", "").splitlines()
+        ]
+        edits[key] = kept + added
+    return edits

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from pathlib import PurePath
 
@@ -9,6 +10,7 @@ from django.conf import settings
 from django.db import models
 
 from pipeline.models import Run
+from visits.schemas import ChartNote
 
 
 def recording_upload_to(instance: Visit, filename: str) -> str:
@@ -54,20 +56,121 @@ def visit_subject(visit_id: int) -> str:
     return f"visit:{visit_id}"
 
 
-class NoteSignature(models.Model):
-    """A clinician's signature on one version of a visit's note (the note of one run).
+def visit_id_of_subject(subject: str) -> int:
+    """The visit a run belongs to (the inverse of `visit_subject`)."""
+    return int(subject.removeprefix("visit:"))
 
-    A re-run never touches it: it makes a new run, so a new, unsigned version."""
 
-    visit = models.ForeignKey(Visit, on_delete=models.PROTECT, related_name="signatures")
-    run = models.OneToOneField(Run, on_delete=models.PROTECT, related_name="+")
-    signed_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+"
+class NoteVersion(models.Model):
+    """One version of a visit's note. Each finished note stage adds the model's draft (version
+    1 for the first run); each save by the clinician adds the next. A version is never changed
+    once written, except to sign it; a signed version's content is sealed by `content_sha256`,
+    so a later change to the stored row is detectable (`visits.notes.note_version_intact`)."""
+
+    class Kind(models.TextChoices):
+        DRAFT = "draft", "model draft"
+        EDIT = "edit", "clinician edit"
+        AMENDMENT = "amendment", "amendment"
+
+    visit = models.ForeignKey(Visit, on_delete=models.PROTECT, related_name="note_versions")
+    number = models.PositiveIntegerField()
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    # The run whose draft this version descends from; its summary and transcript are the
+    # evidence the version's lines cite.
+    run = models.ForeignKey(Run, on_delete=models.PROTECT, related_name="+")
+    based_on = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
-    signed_at = models.DateTimeField(auto_now_add=True)
+    engine = models.CharField(max_length=100)  # what drafted the lines it started from
+    content = models.JSONField()  # a `visits.schemas.ChartNote`
+    author = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="empty for the model's draft",
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    # Why a signed note was changed: required for an amendment.
+    reason = models.TextField(blank=True)
+    signed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    signed_at = models.DateTimeField(null=True, blank=True)
+    content_sha256 = models.CharField(max_length=64, blank=True)
 
     class Meta:
-        ordering = ["-signed_at"]
+        ordering = ["visit", "number"]
+        constraints = [
+            models.UniqueConstraint(fields=["visit", "number"], name="note_version_number_unique"),
+            # One model draft per run: a retried note stage cannot add its draft twice.
+            models.UniqueConstraint(
+                fields=["run"],
+                condition=models.Q(kind="draft"),
+                name="note_version_one_draft_per_run",
+            ),
+            models.CheckConstraint(
+                condition=(
+                    models.Q(signed_by__isnull=True, signed_at__isnull=True, content_sha256="")
+                    | models.Q(signed_by__isnull=False, signed_at__isnull=False)
+                    & ~models.Q(content_sha256="")
+                ),
+                name="note_version_signature_whole",
+            ),
+        ]
 
     def __str__(self) -> str:
-        return f"note of run {self.run_id} signed by {self.signed_by_id}"
+        return f"note version {self.number} of visit {self.visit_id}"
+
+    @property
+    def note(self) -> ChartNote:
+        return ChartNote.model_validate(self.content)
+
+    @property
+    def is_signed(self) -> bool:
+        return self.signed_at is not None
+
+    @property
+    def is_intact(self) -> bool:
+        """False when a signed version's stored content no longer matches its seal."""
+        return not self.is_signed or self.seal() == self.content_sha256
+
+    def seal(self) -> str:
+        """SHA-256 over the visit, the version number and the content in canonical form."""
+        sealed = f"visit:{self.visit_id}:note:{self.number}:{self.note.canonical_json()}"
+        return hashlib.sha256(sealed.encode()).hexdigest()
+
+
+class AccessEvent(models.Model):
+    """Who took a visit's PHI out of the application (a FHIR export, a printed summary), when,
+    from where, and whether it was allowed. Written once, never changed."""
+
+    class Action(models.TextChoices):
+        EXPORT_FHIR = "export_fhir", "exported the note as FHIR"
+        PRINT_SUMMARY = "print_summary", "opened the after-visit summary to print"
+
+    class Outcome(models.TextChoices):
+        ALLOWED = "allowed", "allowed"
+        REFUSED = "refused", "refused"
+
+    visit = models.ForeignKey(Visit, on_delete=models.PROTECT, related_name="access_events")
+    action = models.CharField(max_length=32, choices=Action.choices)
+    note_version = models.PositiveIntegerField(null=True, blank=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    # The user's name, or for a command line the OS login: kept even if the user row goes.
+    actor_label = models.CharField(max_length=150)
+    outcome = models.CharField(max_length=16, choices=Outcome.choices, default=Outcome.ALLOWED)
+    detail = models.CharField(max_length=300, blank=True)
+    ip = models.GenericIPAddressField(null=True, blank=True)
+    user_agent = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["visit", "-created_at"], name="access_event_visit_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.actor_label} {self.get_action_display()} (visit {self.visit_id})"

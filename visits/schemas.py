@@ -5,6 +5,9 @@ a clinician can check any sentence against the recording."""
 
 from __future__ import annotations
 
+import json
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -90,6 +93,85 @@ class PostVisitNote(BaseModel):
     )
 
 
+# --- the note in the chart: what a clinician edits, signs and amends --------------------------
+
+ITEM_MAX_CHARS = 2000
+
+
+class NoteItem(BaseModel):
+    """One line of a note version. A model's line keeps its evidence when a clinician edits its
+    text; a line the clinician adds has none and says so (`source`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    text: str = Field(min_length=1, max_length=ITEM_MAX_CHARS)
+    segment_ids: list[int] = Field(default_factory=list)
+    source: Literal["model", "clinician"] = "model"
+    edited: bool = False  # a model's line whose text a clinician changed
+
+    @property
+    def clinician_entered(self) -> bool:
+        return self.source == "clinician"
+
+
+class ChartSOAP(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    subjective: list[NoteItem]
+    objective: list[NoteItem]
+    assessment: list[NoteItem]
+    plan: list[NoteItem]
+
+    def sections(self) -> list[tuple[str, list[NoteItem]]]:
+        """(section name, items) in SOAP order."""
+        return [(name, getattr(self, name)) for name in type(self).model_fields]
+
+
+# The parts of a note a clinician edits, in reading order: (key, title).
+NOTE_PARTS: tuple[tuple[str, str], ...] = (
+    ("subjective", "Subjective"),
+    ("objective", "Objective"),
+    ("assessment", "Assessment"),
+    ("plan", "Plan"),
+    ("patient_summary", "Patient summary"),
+)
+
+
+class ChartNote(BaseModel):
+    """A version of the note as the chart keeps it: the SOAP note and the patient's summary."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    soap: ChartSOAP
+    patient_summary: list[NoteItem]
+
+    @classmethod
+    def from_draft(cls, draft: PostVisitNote) -> ChartNote:
+        def items(findings: list[Finding]) -> list[NoteItem]:
+            return [NoteItem(text=f.text, segment_ids=f.segment_ids) for f in findings]
+
+        return cls(
+            soap=ChartSOAP(**{name: items(found) for name, found in draft.soap.sections()}),
+            patient_summary=items(draft.patient_summary),
+        )
+
+    @classmethod
+    def from_parts(cls, parts: dict[str, list[NoteItem]]) -> ChartNote:
+        soap = {key: parts[key] for key, _ in NOTE_PARTS if key != "patient_summary"}
+        return cls(soap=ChartSOAP(**soap), patient_summary=parts["patient_summary"])
+
+    def part(self, key: str) -> list[NoteItem]:
+        return self.patient_summary if key == "patient_summary" else getattr(self.soap, key)
+
+    def parts(self) -> list[tuple[str, str, list[NoteItem]]]:
+        """(key, title, items) for every part, in reading order."""
+        return [(key, title, self.part(key)) for key, title in NOTE_PARTS]
+
+    def canonical_json(self) -> str:
+        """The content in one fixed form (sorted keys, no spaces): what a signature seals."""
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+
+
 # --- what each stage of the visit workflow returns (stored as JSON, read back as these) -------
 
 
@@ -122,6 +204,13 @@ class SummarizeOutput(_StageOutput):
 class NoteOutput(_StageOutput):
     engine: str
     note: PostVisitNote
+
+
+class DeliveryOutput(_StageOutput):
+    identifier: str = Field(description="the Bundle's identifier value (visit and version)")
+    status_code: int
+    created: bool = Field(description="False when the EHR already had it (conditional create)")
+    location: str
 
 
 def cited_ids(document: BaseModel) -> set[int]:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import re
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from django.db.models import QuerySet
 from django.utils import timezone
@@ -16,19 +15,22 @@ from textstat.textstat import textstat as readability
 
 from pipeline.errors import OperationRefused
 from pipeline.selectors import (
+    audit_entries_of_subject,
     output_of,
     run_stages,
-    stage_outputs_of_subject,
+    runs_of_subject,
+    runs_with_stages,
     usage_totals,
 )
 from pipeline.states import StageStatus
-from visits.models import NoteSignature, Visit
+from visits.models import AccessEvent, NoteVersion, Visit
 from visits.schemas import (
+    ChartNote,
     ClinicalSummary,
-    Finding,
+    DeliveryOutput,
     IngestOutput,
+    NoteItem,
     NoteOutput,
-    PostVisitNote,
     Segment,
     SummarizeOutput,
     TranscribeOutput,
@@ -54,12 +56,6 @@ def visits_visible_to(user: User) -> QuerySet[Visit]:
 
 def visits_of_clinician(user: User) -> QuerySet[Visit]:
     return Visit.objects.filter(clinician=user).select_related("current_run")
-
-
-def visit_note_signed(visit: Visit) -> bool:
-    """Whether the note of the visit's current run is signed (and so final)."""
-    run_id = visit.current_run_id
-    return run_id is not None and NoteSignature.objects.filter(run_id=run_id).exists()
 
 
 def visit_stages(visit: Visit) -> list[Stage]:
@@ -159,6 +155,17 @@ class TranscriptDoc(BaseModel):
     segments: list[Segment]
 
 
+class DeliveryDoc(BaseModel):
+    """One signed version's delivery to the EHR (the `note_delivery` workflow)."""
+
+    version: int
+    run: int
+    status: str
+    error: str | None
+    location: str | None  # where the EHR filed it, once delivered
+    attempts: list[AttemptDoc]
+
+
 class VisitStatus(BaseModel):
     """Everything about a visit's pipeline and its results, as one document."""
 
@@ -171,8 +178,12 @@ class VisitStatus(BaseModel):
     usage: UsageDoc
     transcript: TranscriptDoc | None
     summary: ClinicalSummary | None
-    note: PostVisitNote | None
+    # The latest version of the note (the clinician's edits included), and where it stands.
+    note: ChartNote | None
+    note_version: int | None
+    note_status: str | None
     engine: str | None
+    deliveries: list[DeliveryDoc]
 
     def summary_lines(self) -> list[str]:
         """A short human reading: the visit's state, each stage, what it cost."""
@@ -182,6 +193,14 @@ class VisitStatus(BaseModel):
             if stage.error:
                 line += f"  {stage.error}"
             lines.append(line)
+        if self.note_version is not None:
+            lines.append(f"  note: version {self.note_version}, {self.note_status}")
+        for delivery in self.deliveries:
+            lines.append(
+                f"  delivery of version {delivery.version}: {delivery.status}, "
+                f"{len(delivery.attempts)} attempt(s)"
+                + (f"  {delivery.error}" if delivery.error else "")
+            )
         usage = self.usage
         lines.append(
             f"  usage: {usage.input_tokens} tokens in, {usage.output_tokens} out, "
@@ -205,9 +224,55 @@ def visit_usage(visit: Visit) -> UsageDoc:
     )
 
 
-def visit_status_document(visit: Visit, stages: list[Stage] | None = None) -> VisitStatus:
-    """The status document; pass the current run's `stages` when already loaded."""
+def _attempt_docs(stage: Stage) -> list[AttemptDoc]:
+    return [
+        AttemptDoc(
+            number=attempt.number,
+            status=attempt.status,
+            started_at=_iso(attempt.started_at),
+            finished_at=_iso(attempt.finished_at),
+            error=attempt.error_message or None,
+            error_code=attempt.error_code or None,
+            worker=attempt.worker,
+            input_tokens=attempt.input_tokens,
+            output_tokens=attempt.output_tokens,
+            cost_usd=float(attempt.cost_usd),
+        )
+        for attempt in stage.attempts.all()
+    ]
+
+
+def visit_deliveries(visit: Visit) -> list[DeliveryDoc]:
+    """Each delivery of a signed version to the EHR, oldest first, with its attempts."""
+    from visits.delivery import NOTE_DELIVERY_WORKFLOW  # delivery builds on these selectors
+
+    documents = []
+    for run in runs_with_stages(visit.subject, workflow=NOTE_DELIVERY_WORKFLOW.name):
+        stage = run.stages.all()[0]
+        delivered = output_of([stage], "deliver", DeliveryOutput)
+        documents.append(
+            DeliveryDoc(
+                version=run.input["version"],
+                run=run.pk,
+                status=run.status,
+                error=stage.error_message or None,
+                location=delivered.location if delivered else None,
+                attempts=_attempt_docs(stage),
+            )
+        )
+    return documents
+
+
+def visit_status_document(
+    visit: Visit,
+    stages: list[Stage] | None = None,
+    history: list[NoteEntry] | None = None,
+) -> VisitStatus:
+    """The status document; pass the current run's `stages` and the note's `history` when
+    already loaded."""
     stages = visit_stages(visit) if stages is None else stages
+    history = note_history(visit) if history is None else history
+    latest_note = history[-1] if history else None
     transcript = visit_transcript(stages)
     summarized = output_of(stages, "summarize", SummarizeOutput)
     noted = output_of(stages, "note", NoteOutput)
@@ -225,21 +290,7 @@ def visit_status_document(visit: Visit, stages: list[Stage] | None = None) -> Vi
                 error=stage.error_message or None,
                 failure=stage.failure_kind or None,
                 reused_from_run=stage.reused_from.run_id if stage.reused_from else None,
-                attempts=[
-                    AttemptDoc(
-                        number=attempt.number,
-                        status=attempt.status,
-                        started_at=_iso(attempt.started_at),
-                        finished_at=_iso(attempt.finished_at),
-                        error=attempt.error_message or None,
-                        error_code=attempt.error_code or None,
-                        worker=attempt.worker,
-                        input_tokens=attempt.input_tokens,
-                        output_tokens=attempt.output_tokens,
-                        cost_usd=float(attempt.cost_usd),
-                    )
-                    for attempt in stage.attempts.all()
-                ],
+                attempts=_attempt_docs(stage),
             )
             for stage in stages
         ],
@@ -250,87 +301,162 @@ def visit_status_document(visit: Visit, stages: list[Stage] | None = None) -> Vi
             else None
         ),
         summary=summarized.summary if summarized else None,
-        note=noted.note if noted else None,
+        note=latest_note.version.note if latest_note else None,
+        note_version=latest_note.version.number if latest_note else None,
+        note_status=latest_note.status if latest_note else None,
         engine=latest.engine if latest else None,
+        deliveries=visit_deliveries(visit),
     )
 
 
 # --- note versions ---------------------------------------------------------------------------
 
+NoteStatus = Literal["draft", "earlier draft", "signed", "superseded"]
+
 
 @dataclass(frozen=True)
-class NoteVersion:
-    number: int  # 1 for the visit's first note, in the order the runs were made
-    run_id: int
-    created_at: datetime
-    engine: str
-    note: PostVisitNote
-    signed_by: str | None
-    signed_at: datetime | None
-    is_current: bool
+class NoteEntry:
+    """A note version in its history: where it stands among the others."""
 
-    def lines(self) -> list[str]:
-        """The note as text lines, for reading and for comparing versions."""
-        return note_lines(self.note)
+    version: NoteVersion
+    status: NoteStatus  # the latest unsigned version is the draft; earlier ones stay readable
+    amends: int | None  # for a signed version: the signed version it replaced
+    superseded_by: int | None  # for a signed version: the signed version that replaced it
+    is_latest: bool
 
-
-def note_lines(note: PostVisitNote) -> list[str]:
-    lines = []
-    for section, items in note.soap.sections():
-        lines.append(section.upper())
-        lines.extend(f"  - {item.text}" for item in items)
-    lines.append("PATIENT SUMMARY")
-    lines.extend(f"  - {item.text}" for item in note.patient_summary)
-    return lines
+    @property
+    def fhir_status(self) -> str:
+        """The FHIR Composition status: preliminary, final, or amended."""
+        if not self.version.is_signed:
+            return "preliminary"
+        return "amended" if self.amends is not None else "final"
 
 
-def visit_note_versions(visit: Visit) -> list[NoteVersion]:
-    """Every note the visit's runs produced, oldest first, with who signed which."""
-    signed = {
-        run_id: (username, signed_at)
-        for run_id, username, signed_at in NoteSignature.objects.filter(visit=visit).values_list(
-            "run_id", "signed_by__username", "signed_at"
-        )
-    }
-    return [
-        NoteVersion(
-            number=number,
-            run_id=version.run_id,
-            created_at=version.created_at,
-            engine=version.output.engine,
-            note=version.output.note,
-            signed_by=signed.get(version.run_id, (None, None))[0],
-            signed_at=signed.get(version.run_id, (None, None))[1],
-            is_current=version.run_id == visit.current_run_id,
-        )
-        for number, version in enumerate(
-            stage_outputs_of_subject(visit.subject, "note", NoteOutput), start=1
-        )
-    ]
+def note_history(visit: Visit) -> list[NoteEntry]:
+    """Every version of the visit's note, oldest first (one query)."""
+    versions = list(
+        NoteVersion.objects.filter(visit=visit)
+        .select_related("author", "signed_by")
+        .order_by("number")
+    )
+    for version in versions:
+        version.visit = visit  # spare a query per version for what every reader needs
+    signed = [v.number for v in versions if v.is_signed]
+    entries = []
+    for version in versions:
+        is_latest = version is versions[-1]
+        if version.is_signed:
+            place = signed.index(version.number)
+            later = signed[place + 1] if place + 1 < len(signed) else None
+            entries.append(
+                NoteEntry(
+                    version=version,
+                    status="signed" if later is None else "superseded",
+                    amends=signed[place - 1] if place else None,
+                    superseded_by=later,
+                    is_latest=is_latest,
+                )
+            )
+        else:
+            status: NoteStatus = "draft" if is_latest else "earlier draft"
+            entries.append(NoteEntry(version, status, None, None, is_latest))
+    return entries
 
 
-def note_version_pick(visit: Visit, number: str | int | None) -> NoteVersion:
-    """Version `number` of the visit's note (1 is the first), or the current one when None."""
-    versions = visit_note_versions(visit)
+def note_entry_pick(visit: Visit, number: str | int | None) -> NoteEntry:
+    """Version `number` of the visit's note, or the latest when None or empty."""
+    history = note_history(visit)
     if number in (None, ""):
-        found = next((v for v in versions if v.is_current), None)
+        found = history[-1] if history else None
     else:
-        found = next((v for v in versions if str(v.number) == str(number).strip()), None)
+        found = next((e for e in history if str(e.version.number) == str(number).strip()), None)
     if found is None:
-        have = ", ".join(str(v.number) for v in versions) or "none yet"
+        have = ", ".join(str(e.version.number) for e in history) or "none yet"
         raise OperationRefused(
-            f"Visit {visit.pk} has no note version {number or '(current)'}; versions: {have}."
+            f"Visit {visit.pk} has no note version {number or '(latest)'}; versions: {have}."
         )
     return found
 
 
-def note_diff(older: NoteVersion, newer: NoteVersion) -> list[tuple[str, str]]:
-    """Line-by-line difference: ('-', line) removed, ('+', line) added, (' ', line) kept."""
-    return [
-        (line[0], line[2:])
-        for line in difflib.ndiff(older.lines(), newer.lines())
-        if line[0] in "-+ "
-    ]
+def visit_note_signed(visit: Visit) -> bool:
+    """Whether any version of the visit's note is signed (the chart holds it)."""
+    return NoteVersion.objects.filter(visit=visit, signed_at__isnull=False).exists()
+
+
+# --- the visit's history ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HistoryEvent:
+    at: datetime
+    who: str
+    what: str
+    detail: str = ""
+
+
+def visit_history(visit: Visit) -> list[HistoryEvent]:
+    """Everything that happened to a visit, newest first: the upload, each run, what operators
+    did, each note version (drafted, edited, amended, signed), each delivery attempt to the
+    EHR, and each time the note left the application (exported, printed)."""
+    from visits.delivery import NOTE_DELIVERY_WORKFLOW
+
+    clinician = visit.clinician.get_username()
+    events = [HistoryEvent(visit.created_at, clinician, "uploaded the recording")]
+    for run in runs_of_subject(visit.subject):
+        if run.workflow == NOTE_DELIVERY_WORKFLOW.name:
+            continue
+        started = (
+            "started the pipeline"
+            if run.forked_from_id is None
+            else (f"re-ran from {run.fork_stage} (run {run.pk}, from run {run.forked_from_id})")
+        )
+        events.append(HistoryEvent(run.created_at, "pipeline", started))
+        if run.finished_at:
+            events.append(HistoryEvent(run.finished_at, "pipeline", f"run {run.pk} {run.status}"))
+    for entry in audit_entries_of_subject(visit.subject):
+        what = f"{entry.get_action_display().lower()} on run {entry.run_id}"
+        events.append(HistoryEvent(entry.created_at, entry.actor_label, what, entry.reason))
+    for note in note_history(visit):
+        version = note.version
+        author = version.author.get_username() if version.author else version.engine
+        events.append(
+            HistoryEvent(
+                version.created_at,
+                author,
+                f"wrote version {version.number} of the note ({version.get_kind_display()})",
+                version.reason if version.kind == NoteVersion.Kind.AMENDMENT else "",
+            )
+        )
+        if version.signed_at and version.signed_by:
+            what = f"signed version {version.number}"
+            if note.amends is not None:
+                what += f", amending version {note.amends}"
+            events.append(
+                HistoryEvent(
+                    version.signed_at, version.signed_by.get_username(), what, version.reason
+                )
+            )
+    for delivery in visit_deliveries(visit):
+        for attempt in delivery.attempts:
+            if attempt.finished_at is None:
+                continue
+            outcome = "delivered" if attempt.status == "succeeded" else "failed to deliver"
+            events.append(
+                HistoryEvent(
+                    datetime.fromisoformat(attempt.finished_at),
+                    "EHR delivery",
+                    f"{outcome} version {delivery.version} (attempt {attempt.number})",
+                    attempt.error or "",
+                )
+            )
+    for access in visit.access_events.all():
+        what = access.get_action_display()
+        if access.note_version:
+            what += f" (version {access.note_version})"
+        if access.outcome == AccessEvent.Outcome.REFUSED:
+            what += ": refused"
+        events.append(HistoryEvent(access.created_at, access.actor_label, what, access.detail))
+    return sorted(events, key=lambda event: event.at, reverse=True)
 
 
 # --- the after-visit summary for the patient -------------------------------------------------
@@ -345,10 +471,10 @@ _COME_BACK = re.compile(
 class AfterVisitSummary:
     """The note in the patient's words, under the four questions a patient asks."""
 
-    found: list[Finding]  # what we found
-    changed: list[Finding]  # what we changed
-    to_do: list[Finding]  # what to do
-    come_back: list[Finding]  # when to come back
+    found: list[NoteItem]  # what we found
+    changed: list[NoteItem]  # what we changed
+    to_do: list[NoteItem]  # what to do
+    come_back: list[NoteItem]  # when to come back
     reading_grade: float  # Flesch-Kincaid grade of all of it; aim at 8 or below
     signed_by: str | None  # None: a draft, printed as such
 
@@ -372,5 +498,5 @@ def after_visit_summary(version: NoteVersion) -> AfterVisitSummary:
         to_do=to_do,
         come_back=come_back,
         reading_grade=float(readability.flesch_kincaid_grade(text)) if text.strip() else 0.0,
-        signed_by=version.signed_by,
+        signed_by=version.signed_by.get_username() if version.signed_by else None,
     )

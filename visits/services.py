@@ -23,15 +23,16 @@ from pipeline.operations import (
     run_retry_failed,
     run_skip_backoff,
 )
-from pipeline.selectors import run_of_subject, stage_output
+from pipeline.selectors import run_of_subject
+from visits.delivery import NOTE_DELIVERY_WORKFLOW
 from visits.errors import SUPPORTED_FORMATS, RecordingRejected
-from visits.models import NoteSignature, Visit
-from visits.schemas import NoteOutput
+from visits.models import AccessEvent, Visit
 from visits.selectors import visit_note_signed
 from visits.stages import VISIT_WORKFLOW
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AnonymousUser, User
+    from django.http import HttpRequest
 
     from pipeline.models import Run
 
@@ -184,6 +185,16 @@ def visit_rerun_from(
     visit_start(visit=visit, inline=inline)
 
 
+def delivery_retry(
+    *, visit: Visit, run_id: int, actor: User | AnonymousUser | None, reason: str
+) -> None:
+    """One more attempt at a failed delivery of the visit's note to the EHR."""
+    run = run_of_subject(visit.subject, run_id)
+    if run is None or run.workflow != NOTE_DELIVERY_WORKFLOW.name:
+        raise OperationRefused(f"Visit {visit.pk} has no delivery run {run_id}.")
+    run_retry_failed(run=run, operator=_operator(actor), reason=reason)
+
+
 def visit_cancel(*, visit: Visit, actor: User | AnonymousUser | None, reason: str) -> None:
     run_cancel(run=_current_run(visit), operator=_operator(actor), reason=reason)
 
@@ -197,7 +208,8 @@ def _current_run(visit: Visit) -> Run:
 def visit_refs_update(
     *, visit: Visit, clinician: User, patient_ref: str, encounter_ref: str
 ) -> Visit:
-    """The visit's clinician corrects its EHR references, until its current note is signed."""
+    """The visit's clinician corrects its EHR references, until a version of its note is
+    signed (they are part of what was sent to the EHR)."""
     if visit.clinician_id != clinician.pk:
         raise PermissionDenied("Only the visit's clinician can change its references.")
     if visit_note_signed(visit):
@@ -210,16 +222,26 @@ def visit_refs_update(
     return visit
 
 
-def note_sign(*, visit: Visit, run_id: int, clinician: User) -> NoteSignature:
-    """The visit's clinician signs the note of one of its runs; it is then final."""
-    if visit.clinician_id != clinician.pk:
-        raise PermissionDenied("Only the visit's clinician can sign its note.")
-    run = run_of_subject(visit.subject, run_id)
-    if run is None or stage_output(run, "note", NoteOutput) is None:
-        raise OperationRefused("That run has no finished note to sign.")
-    signature, created = NoteSignature.objects.get_or_create(
-        run_id=run_id, defaults={"visit": visit, "signed_by": clinician}
+def access_record(
+    *,
+    visit: Visit,
+    action: str,
+    version: int | None = None,
+    request: HttpRequest | None = None,
+    refused: str = "",
+) -> AccessEvent:
+    """Record that PHI of `visit` left the application (or was refused, saying why): by the
+    request's user and from its address, or, without a request, by the OS user of a command."""
+    user = getattr(request, "user", None)
+    actor = user if user is not None and user.is_authenticated else None
+    return AccessEvent.objects.create(
+        visit=visit,
+        action=action,
+        note_version=version,
+        actor=actor,
+        actor_label=actor.get_username() if actor else Operator.command_line().label,
+        outcome=AccessEvent.Outcome.REFUSED if refused else AccessEvent.Outcome.ALLOWED,
+        detail=refused[:300],
+        ip=request.META.get("REMOTE_ADDR") if request else None,
+        user_agent=request.headers.get("User-Agent", "")[:300] if request else "",
     )
-    if not created:
-        raise OperationRefused("This version of the note is already signed.")
-    return signature

@@ -17,7 +17,7 @@ from pipeline.errors import BudgetExceeded, OutputInvalid
 from pipeline.llm import llm_enabled
 from pipeline.policy import RetryPolicy
 from pipeline.workflow import StageSpec, Workflow
-from visits import audio, offline, prompts, transcription
+from visits import audio, notes, offline, prompts, transcription
 from visits.errors import EmptyRecording, NoSpeechDetected, RecordingTooLong, UnreadableRecording
 from visits.schemas import (
     ClinicalSummary,
@@ -191,6 +191,8 @@ VISIT_WORKFLOW = Workflow(
             run=note,
             output=NoteOutput,
             policy=LLM_STAGE_POLICY,
+            # The draft becomes the visit's next note version in the same commit.
+            on_success=notes.note_draft_record,
         ),
     ),
 )

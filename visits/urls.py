@@ -18,6 +18,13 @@ urlpatterns = [
     path("visits/<int:visit_id>/live/", views.visit_live, name="live"),
     path("visits/<int:visit_id>/recording/", views.visit_recording, name="recording"),
     path("visits/<int:visit_id>/sign/", views.note_sign_view, name="sign"),
+    path("visits/<int:visit_id>/note/edit/", views.note_edit, name="note_edit"),
+    path(
+        "visits/<int:visit_id>/note/<int:number>/",
+        views.note_version_detail,
+        name="note_version",
+    ),
+    path("visits/<int:visit_id>/history/", views.visit_timeline, name="history"),
     path("visits/<int:visit_id>/refs/", views.visit_refs, name="refs"),
     path("visits/<int:visit_id>/fhir/", views.visit_fhir, name="fhir"),
     path(

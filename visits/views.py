@@ -31,23 +31,24 @@ from visits.browser_recordings import (
     recording_piece_save,
     recording_session_finish,
 )
-from visits.fhir import FHIR_JSON, note_bundle_json
-from visits.forms import VisitRefsForm, VisitUploadForm
-from visits.models import Visit
+from visits.fhir import FHIR_JSON, NoteTampered, note_bundle_json
+from visits.forms import VisitRefsForm, VisitUploadForm, note_edits_from_post
+from visits.models import AccessEvent, Visit
+from visits.notes import NoteChanged, note_apply_edits, note_diff, note_save, note_sign
 from visits.recording_response import recording_response
 from visits.selectors import (
-    NoteVersion,
+    NoteEntry,
     after_visit_summary,
-    note_diff,
-    note_version_pick,
+    note_entry_pick,
+    note_history,
     transcription_progress,
-    visit_note_versions,
+    visit_history,
     visit_stages,
     visit_status_document,
     visits_of_clinician,
     visits_visible_to,
 )
-from visits.services import note_sign, visit_create, visit_refs_update, visit_start
+from visits.services import access_record, visit_create, visit_refs_update, visit_start
 from visits.uploads import RecordingSizeLimit
 
 if TYPE_CHECKING:
@@ -191,45 +192,153 @@ def visit_live(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse
 def _visit_context(request: AuthenticatedHttpRequest, visit_id: int) -> dict[str, object]:
     visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
     stages = visit_stages(visit)
-    document = visit_status_document(visit, stages)
-    versions = visit_note_versions(visit)
+    history = note_history(visit)
+    document = visit_status_document(visit, stages, history)
+    latest = history[-1] if history else None
+    delivered = {delivery.version: delivery for delivery in document.deliveries}
     return {
         "visit": visit,
         "doc": document,
         "stages": stages,
         "progress": transcription_progress(stages),
-        "live": document.status not in FINAL_RUN_STATUSES,
-        "versions": versions,
-        "current_signature": next(
-            (v.signed_by for v in versions if v.is_current and v.signed_by), None
-        ),
-        "can_sign": visit.clinician_id == request.user.pk,
-        **_comparison(request, versions),
+        # Poll while the pipeline or a delivery to the EHR is still under way.
+        "live": document.status not in FINAL_RUN_STATUSES
+        or any(d.status not in FINAL_RUN_STATUSES for d in document.deliveries),
+        "history": history,
+        "latest": latest,
+        "signed": next((e for e in reversed(history) if e.status == "signed"), None),
+        # Newest first, each with its (latest) delivery to the EHR, if any.
+        "version_rows": [
+            (entry, delivered.get(entry.version.number)) for entry in reversed(history)
+        ],
+        "is_owner": visit.clinician_id == request.user.pk,
+        "needs_reason": latest is not None
+        and not latest.version.is_signed
+        and not latest.version.reason
+        and any(e.version.is_signed for e in history),
+        **_comparison(request, history),
     }
 
 
-def _comparison(request: HttpRequest, versions: list[NoteVersion]) -> dict[str, object]:
-    """?compare=RUN&to=RUN picks two note versions; anything else compares nothing."""
-    by_run = {str(version.run_id): version for version in versions}
-    older, newer = by_run.get(request.GET.get("compare", "")), by_run.get(request.GET.get("to", ""))
+def _comparison(request: HttpRequest, history: list[NoteEntry]) -> dict[str, object]:
+    """?compare=N&to=M picks two note versions by number; anything else compares nothing."""
+    by_number = {str(entry.version.number): entry for entry in history}
+    older = by_number.get(request.GET.get("compare", ""))
+    newer = by_number.get(request.GET.get("to", ""))
     if older is None or newer is None:
         return {}
-    return {"diff": note_diff(older, newer), "diff_from": older, "diff_to": newer}
+    return {
+        "diff": note_diff(older.version.note, newer.version.note),
+        "diff_from": older,
+        "diff_to": newer,
+    }
+
+
+@login_required
+@require_GET
+def visit_timeline(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
+    """Everything that happened to the visit, newest first: runs, operators' actions, note
+    versions, signatures, deliveries, exports and prints."""
+    visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+    return render(request, "visits/history.html", {"visit": visit, "events": visit_history(visit)})
+
+
+@login_required
+@require_GET
+def note_version_detail(
+    request: AuthenticatedHttpRequest, visit_id: int, number: int
+) -> HttpResponse:
+    """One version of the note, whole, with what changed since the version before it."""
+    visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+    history = note_history(visit)
+    entry = next((e for e in history if e.version.number == number), None)
+    if entry is None:
+        messages.error(request, f"The note has no version {number}.")
+        return redirect("visits:detail", visit_id=visit.pk)
+    before = next((e for e in history if e.version.number == number - 1), None)
+    context = {
+        "visit": visit,
+        "entry": entry,
+        "diff": note_diff(before.version.note, entry.version.note) if before else None,
+        "diff_from": before,
+    }
+    return render(request, "visits/note_version.html", context)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def note_edit(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
+    """The clinician edits the latest version; saving makes the next one. A save based on a
+    version that is no longer the latest is refused, and the page shows both what they typed
+    and what changed meanwhile, so nothing is lost."""
+    visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+    if visit.clinician_id != request.user.pk:
+        messages.error(request, "Only the visit's clinician can edit its note.")
+        return redirect("visits:detail", visit_id=visit.pk)
+    history = note_history(visit)
+    if not history:
+        messages.error(request, "There is no note to edit yet: the pipeline has not made one.")
+        return redirect("visits:detail", visit_id=visit.pk)
+    latest = history[-1]
+    context: dict[str, object] = {"visit": visit, "entry": latest, "reason": ""}
+    if request.method == "POST":
+        base = next(
+            (e for e in history if str(e.version.number) == request.POST.get("base", "")), None
+        )
+        if base is None:
+            messages.error(request, "The form names no version of this note; start again.")
+            return redirect("visits:note_edit", visit_id=visit.pk)
+        edits = note_edits_from_post(request.POST, base.version.note)
+        reason = request.POST.get("reason", "")
+        try:
+            version = note_save(
+                visit=visit,
+                clinician=request.user,
+                base_number=base.version.number,
+                edits=edits,
+                reason=reason,
+            )
+        except NoteChanged as exc:
+            messages.error(request, str(exc))
+            context |= {
+                "reason": reason,
+                "yours": note_diff(base.version.note, note_apply_edits(base.version.note, edits)),
+                "theirs": note_diff(base.version.note, exc.latest.note),
+                "base": base,
+            }
+            return render(request, "visits/note_edit.html", context, status=409)
+        except (PipelineError, PermissionDenied) as exc:
+            messages.error(request, str(exc))
+            context["reason"] = reason
+            return render(request, "visits/note_edit.html", context, status=400)
+        messages.success(
+            request,
+            f"Saved as version {version.number}."
+            + (" Sign it to file the amendment." if version.kind == "amendment" else ""),
+        )
+        return redirect("visits:detail", visit_id=visit.pk)
+    return render(request, "visits/note_edit.html", context)
 
 
 @login_required
 @require_POST
 def note_sign_view(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
     visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
-    run = request.POST.get("run", "")
-    if not run.isdigit():
+    number = request.POST.get("version", "")
+    if not number.isdigit():
         messages.error(request, "Choose a version of the note to sign.")
         return redirect("visits:detail", visit_id=visit.pk)
     return _act_on_visit(
         request,
         visit,
-        lambda: note_sign(visit=visit, run_id=int(run), clinician=request.user),
-        done="Note signed. A later re-run makes a new, unsigned version.",
+        lambda: note_sign(
+            visit=visit,
+            clinician=request.user,
+            number=int(number),
+            reason=request.POST.get("reason", ""),
+        ),
+        done=f"Version {number} signed."
+        + (" It is being sent to the EHR." if settings.FHIR_BASE_URL else ""),
     )
 
 
@@ -250,13 +359,20 @@ def _act_on_visit(
 @login_required
 @require_GET
 def visit_after_visit_summary(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
-    """The patient's printable summary of the current note version; a draft prints as such."""
+    """The patient's printable summary of the latest note version; a draft prints as such."""
     visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
-    current = next((v for v in visit_note_versions(visit) if v.is_current), None)
-    if current is None:
+    history = note_history(visit)
+    if not history:
         messages.error(request, "There is no note yet to summarise for the patient.")
         return redirect("visits:detail", visit_id=visit.pk)
-    context = {"visit": visit, "summary": after_visit_summary(current), "version": current}
+    version = history[-1].version
+    access_record(
+        request=request,
+        visit=visit,
+        action=AccessEvent.Action.PRINT_SUMMARY,
+        version=version.number,
+    )
+    context = {"visit": visit, "summary": after_visit_summary(version), "version": version}
     response = render(request, "visits/after_visit_summary.html", context)
     response["Cache-Control"] = "private, no-store"
     return response
@@ -265,16 +381,32 @@ def visit_after_visit_summary(request: AuthenticatedHttpRequest, visit_id: int) 
 @login_required
 @require_GET
 def visit_fhir(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
-    """The current note version (or `?version=N`) as a FHIR R4 document Bundle."""
+    """The latest note version (or `?version=N`) as a FHIR R4 document Bundle."""
     visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+    asked = request.GET.get("version")
     try:
-        version = note_version_pick(visit, request.GET.get("version"))
+        entry = note_entry_pick(visit, asked)
+        bundle = note_bundle_json(entry)
     except PipelineError as exc:
-        return JsonResponse({"error": str(exc)}, status=404)
-    response = HttpResponse(note_bundle_json(visit, version), content_type=FHIR_JSON)
+        access_record(
+            request=request,
+            visit=visit,
+            action=AccessEvent.Action.EXPORT_FHIR,
+            version=int(asked) if asked and asked.isdigit() else None,
+            refused=str(exc),
+        )
+        status = 409 if isinstance(exc, NoteTampered) else 404
+        return JsonResponse({"error": str(exc), "code": exc.code}, status=status)
+    access_record(
+        request=request,
+        visit=visit,
+        action=AccessEvent.Action.EXPORT_FHIR,
+        version=entry.version.number,
+    )
+    response = HttpResponse(bundle, content_type=FHIR_JSON)
     response["Cache-Control"] = "private, no-store"
     response["Content-Disposition"] = (
-        f'attachment; filename="visit-{visit.pk}-note-{version.number}.fhir.json"'
+        f'attachment; filename="visit-{visit.pk}-note-{entry.version.number}.fhir.json"'
     )
     return response
 

@@ -9,8 +9,9 @@ import pytest
 from django.urls import reverse
 
 from tests.conftest import SAMPLE_VISIT, SHORT_VISIT
-from visits.selectors import after_visit_summary, visit_note_versions
-from visits.services import note_sign, visit_create, visit_start
+from visits.notes import note_sign
+from visits.selectors import after_visit_summary, note_history
+from visits.services import visit_create, visit_start
 
 # The pipeline runs inline, whose heartbeat needs committed rows.
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -24,7 +25,8 @@ def visit(clinician):
 
 
 def test_the_plan_is_sorted_under_the_patients_questions(visit):
-    (version,) = visit_note_versions(visit)
+    (entry,) = note_history(visit)
+    version = entry.version
     summary = after_visit_summary(version)
 
     assert summary.found == version.note.patient_summary
@@ -50,12 +52,12 @@ def test_a_draft_prints_with_a_draft_mark_and_the_grade_for_the_clinician(client
     for heading in ("What we found", "What we changed", "What to do", "When to come back"):
         assert heading in page
     grade = float(re.search(r'data-reading-grade="([\d.-]+)"', page)[1])
-    assert grade == pytest.approx(after_visit_summary(visit_note_versions(visit)[0]).reading_grade)
+    assert grade == pytest.approx(after_visit_summary(note_history(visit)[0].version).reading_grade)
     assert "MRN-9" in page
 
 
 def test_once_signed_it_prints_as_final(client, clinician, visit):
-    note_sign(visit=visit, run_id=visit.current_run_id, clinician=clinician)
+    note_sign(visit=visit, number=1, clinician=clinician)
     client.force_login(clinician)
 
     page = client.get(reverse("visits:after_visit_summary", args=[visit.pk])).content.decode()

@@ -95,7 +95,8 @@ def test_visit_status_human_output(clinician):
     lines = out.getvalue().splitlines()
     assert lines[0] == f"visit {document['visit']}: succeeded"
     assert [line.split()[0] for line in lines[1:5]] == STAGES
-    assert lines[5].startswith("  usage: 0 tokens in, 0 out, $0.0000")
+    assert lines[5] == "  note: version 1, draft"
+    assert lines[6].startswith("  usage: 0 tokens in, 0 out, $0.0000")
 
 
 def test_the_real_cli_keeps_stdout_for_json_and_logs_on_stderr(tmp_path):

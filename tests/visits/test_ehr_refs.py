@@ -16,8 +16,8 @@ from pipeline.errors import OperationRefused
 from tests.conftest import SHORT_VISIT
 from visits.errors import RecordingRejected
 from visits.models import Visit
+from visits.notes import note_sign
 from visits.services import (
-    note_sign,
     visit_create,
     visit_ref_validate,
     visit_refs_update,
@@ -109,7 +109,7 @@ def test_the_clinician_corrects_the_refs_until_the_note_is_signed(
         visit_refs_update(visit=visit, clinician=other_clinician, patient_ref="X", encounter_ref="")
 
     visit_start(visit=visit, inline=True)
-    note_sign(visit=visit, run_id=visit.current_run_id, clinician=clinician)
+    note_sign(visit=visit, number=1, clinician=clinician)
     with pytest.raises(OperationRefused, match="signed"):
         visit_refs_update(visit=visit, clinician=clinician, patient_ref="MRN-3", encounter_ref="")
     page = client.get(reverse("visits:detail", args=[visit.pk])).content.decode()

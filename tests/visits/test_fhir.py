@@ -13,7 +13,8 @@ from django.urls import reverse
 from fhir.resources.R4B.bundle import Bundle
 
 from tests.conftest import SAMPLE_VISIT, SHORT_VISIT
-from visits.services import note_sign, visit_create, visit_rerun_from, visit_start
+from visits.notes import note_sign
+from visits.services import visit_create, visit_rerun_from, visit_start
 
 # The pipeline runs inline, whose heartbeat needs committed rows.
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -72,7 +73,7 @@ def test_signed_it_is_final_with_a_legal_attester_and_the_same_identifier(client
     client.force_login(clinician)
     url = reverse("visits:fhir", args=[visit.pk])
     before = json.loads(client.get(url).content)
-    note_sign(visit=visit, run_id=visit.current_run_id, clinician=clinician)
+    note_sign(visit=visit, number=1, clinician=clinician)
 
     after = json.loads(client.get(url).content)
 

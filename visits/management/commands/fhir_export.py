@@ -4,8 +4,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from visits.fhir import note_bundle_json
 from visits.management.output import refusals_as_command_errors
-from visits.models import Visit
-from visits.selectors import note_version_pick
+from visits.models import AccessEvent, Visit
+from visits.selectors import note_entry_pick
+from visits.services import access_record
 
 
 class Command(BaseCommand):
@@ -18,7 +19,7 @@ class Command(BaseCommand):
             "--note-version",
             type=int,
             metavar="N",
-            help="Which version of the note (1 is the first); default: the current one.",
+            help="Which version of the note (1 is the model's first draft); default: the latest.",
         )
 
     def handle(self, *args: Any, visit_id: int, note_version: int | None, **options: Any) -> None:
@@ -26,5 +27,9 @@ class Command(BaseCommand):
         if visit is None:
             raise CommandError(f"No visit with id {visit_id}.")
         with refusals_as_command_errors():
-            chosen = note_version_pick(visit, note_version)
-        self.stdout.write(note_bundle_json(visit, chosen))
+            entry = note_entry_pick(visit, note_version)
+            bundle = note_bundle_json(entry)
+        access_record(
+            visit=visit, action=AccessEvent.Action.EXPORT_FHIR, version=entry.version.number
+        )
+        self.stdout.write(bundle)
