@@ -32,6 +32,7 @@ from visits.services import (
     visit_cancel,
     visit_rerun_from,
     visit_retry,
+    visit_retry_deliveries,
     visit_skip_backoff,
 )
 from visits.stages import VISIT_WORKFLOW
@@ -128,6 +129,10 @@ def _cancel(visit: Visit, user: Any, data: dict[str, Any]) -> None:
     visit_cancel(visit=visit, actor=user, reason=data["reason"])
 
 
+def _retry_delivery(visit: Visit, user: Any, data: dict[str, Any]) -> None:
+    visit_retry_deliveries(visit=visit, actor=user, reason=data["reason"])
+
+
 OPERATIONS: dict[str, Operation] = {
     operation.name: operation
     for operation in (
@@ -135,6 +140,9 @@ OPERATIONS: dict[str, Operation] = {
         Operation("run_now", "Run now", ReasonForm, _run_now),
         Operation("rerun_from_stage", "Re-run from stage", RerunForm, _rerun),
         Operation("cancel", "Cancel", ReasonForm, _cancel),
+        Operation(
+            "retry_delivery", "Retry failed delivery to the EHR", ReasonForm, _retry_delivery
+        ),
     )
 }
 
@@ -275,7 +283,7 @@ class VisitAdmin(admin.ModelAdmin):
     search_fields = ["=id", "label", "clinician__username"]
     list_select_related = ["clinician", "current_run"]
     list_per_page = 100
-    actions = ["retry_failed_stage", "run_now", "rerun_from_stage", "cancel"]
+    actions = ["retry_failed_stage", "run_now", "rerun_from_stage", "cancel", "retry_delivery"]
     readonly_fields = [
         "clinician",
         "recording_name",
@@ -385,3 +393,7 @@ class VisitAdmin(admin.ModelAdmin):
     @admin.action(description="Cancel", permissions=["reprocess"])
     def cancel(self, request: HttpRequest, queryset: QuerySet[Visit]) -> Any:
         return _operate(self, request, queryset, OPERATIONS["cancel"])
+
+    @admin.action(description="Retry failed delivery to the EHR", permissions=["reprocess"])
+    def retry_delivery(self, request: HttpRequest, queryset: QuerySet[Visit]) -> Any:
+        return _operate(self, request, queryset, OPERATIONS["retry_delivery"])

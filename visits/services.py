@@ -23,7 +23,8 @@ from pipeline.operations import (
     run_retry_failed,
     run_skip_backoff,
 )
-from pipeline.selectors import run_of_subject
+from pipeline.selectors import run_of_subject, runs_of_subject
+from pipeline.states import RunStatus
 from visits.delivery import NOTE_DELIVERY_WORKFLOW
 from visits.errors import SUPPORTED_FORMATS, RecordingRejected
 from visits.models import AccessEvent, Visit
@@ -193,6 +194,22 @@ def delivery_retry(
     if run is None or run.workflow != NOTE_DELIVERY_WORKFLOW.name:
         raise OperationRefused(f"Visit {visit.pk} has no delivery run {run_id}.")
     run_retry_failed(run=run, operator=_operator(actor), reason=reason)
+
+
+def visit_retry_deliveries(
+    *, visit: Visit, actor: User | AnonymousUser | None, reason: str
+) -> list[Run]:
+    """Retry every failed delivery of the visit's signed note versions to the EHR."""
+    failed = [
+        run
+        for run in runs_of_subject(visit.subject)
+        if run.workflow == NOTE_DELIVERY_WORKFLOW.name and run.status == RunStatus.FAILED
+    ]
+    if not failed:
+        raise OperationRefused(f"Visit {visit.pk} has no failed delivery to the EHR.")
+    for run in failed:
+        delivery_retry(visit=visit, run_id=run.pk, actor=actor, reason=reason)
+    return failed
 
 
 def visit_cancel(*, visit: Visit, actor: User | AnonymousUser | None, reason: str) -> None:

@@ -32,6 +32,9 @@ def cluster_environment(**overrides: str) -> dict[str, str]:
         "OPENAI_BASE_URL": settings.OPENAI_BASE_URL or "",
         "LLM_MODEL": settings.LLM_MODEL,
         "LLM_REQUEST_TIMEOUT_SECONDS": str(settings.LLM_REQUEST_TIMEOUT_SECONDS),
+        "FHIR_BASE_URL": settings.FHIR_BASE_URL,
+        "FHIR_AUTH_TOKEN": settings.FHIR_AUTH_TOKEN,
+        "FHIR_TIMEOUT_SECONDS": str(settings.FHIR_TIMEOUT_SECONDS),
     }
     env.update(overrides)
     return env
