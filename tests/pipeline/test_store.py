@@ -308,3 +308,39 @@ def test_system_check_flags_a_queue_retry_shorter_than_a_stage(settings):
     assert "pipeline.E001" in ids
     settings.Q_CLUSTER = {**settings.Q_CLUSTER, "retry": 10**7, "max_attempts": 0}
     assert [message.id for message in checks.check_queue_settings()] == ["pipeline.E002"]
+
+
+def test_a_success_hook_runs_in_the_commit_of_the_output_and_a_failing_one_keeps_nothing(
+    settings,
+):
+    """`StageSpec.on_success` lets a domain write its own rows in the transaction that commits
+    a stage's output: they exist exactly when the output does."""
+    settings.PIPELINE_RETRY_INTERVAL_SCALE = 0.01
+    seen: list[tuple[int, int, bool]] = []
+
+    def hook(run: Run, output: Value) -> None:
+        # Inside the commit: the stage is already marked succeeded in this transaction.
+        succeeded = run.stages.get(name="first").status == StageStatus.SUCCEEDED
+        seen.append((run.pk, output.value, succeeded))
+        if len(seen) == 1:
+            raise TransientError("the domain's table was locked", code="hook_hiccup")
+
+    workflow = Workflow(
+        name="t-hook",
+        stages=(
+            StageSpec("first", first, FAST, output=Value, on_success=hook),
+            StageSpec("last", second, FAST, output=Value),
+        ),
+    )
+    workflow_register(workflow)
+    run = store.run_create(workflow=workflow, subject="thing:1", input={})
+    executor.run_execute_inline(run)
+
+    run.refresh_from_db()
+    assert run.status == RunStatus.SUCCEEDED
+    assert seen == [(run.pk, 1, True), (run.pk, 1, True)]
+    first_stage = run.stages.get(name="first")
+    attempts = list(first_stage.attempts.order_by("number").values_list("status", "error_code"))
+    # The hook's failure failed the attempt and rolled its output back; the retry committed.
+    assert attempts == [(AttemptStatus.FAILED, "hook_hiccup"), (AttemptStatus.SUCCEEDED, "")]
+    assert first_stage.output == {"value": 1}
