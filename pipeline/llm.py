@@ -100,6 +100,7 @@ class LLMGateway:
         output_type: type[T],
         offline: Callable[[], T],
         check: Callable[[T], None] | None = None,
+        review: Callable[[T], str | None] | None = None,
     ) -> T:
         """Ask for an `output_type`; validate it (schema, then `check`); ask for a repair.
 
@@ -110,17 +111,24 @@ class LLMGateway:
         before it and so is a new request.
 
         `offline` builds the answer without a model when none is configured. `check` raises
-        ValueError for an answer that parses but is wrong (e.g. cites unknown evidence)."""
+        ValueError for an answer that parses but is wrong (e.g. cites unknown evidence): it is
+        never accepted. `review` names doubts worth one repair request but not a failure (e.g.
+        a value its evidence does not show): a valid answer is accepted once a repair has been
+        asked for them, and the caller flags what is still doubtful."""
         if not llm_enabled():
             return self._offline(output_type, offline, messages)
         model = settings.LLM_MODEL
         response_format = type_to_response_format_param(output_type)
         repairs_allowed = self._ctx.attempt_number
+        accepted: T | None = None  # the last valid answer, doubts and all
         for repairs in range(repairs_allowed + 1):
             content = self._call(model, messages, response_format)
             problem = _problem(content, output_type, check)
             if problem is None:
-                return output_type.model_validate_json(content)
+                accepted = output_type.model_validate_json(content)
+                problem = review(accepted) if review is not None and repairs == 0 else None
+                if problem is None:
+                    return accepted
             if repairs == repairs_allowed:
                 break
             messages = [
@@ -132,6 +140,8 @@ class LLMGateway:
                     f"{problem}. Answer again with only JSON that satisfies the schema.",
                 },
             ]
+        if accepted is not None:
+            return accepted
         raise OutputInvalid(
             f"the model's {output_type.__name__} was still invalid after {repairs_allowed} "
             f"repair request(s): {problem}; retry the stage to ask for one more repair"

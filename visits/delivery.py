@@ -13,6 +13,7 @@ and 429) is permanent, and the server's OperationOutcome text is kept on the att
 from __future__ import annotations
 
 import json
+from urllib.parse import urlsplit
 
 import httpx2 as httpx
 from django.conf import settings
@@ -93,12 +94,13 @@ def deliver(ctx: StageContext) -> DeliveryOutput:
             code="ehr_timeout",
         ) from exc
     except httpx.TransportError as exc:
+        # The host only: a URL may carry credentials, and this message is stored.
+        host = urlsplit(settings.FHIR_BASE_URL).netloc.rpartition("@")[2]
         raise EhrUnavailable(
-            f"could not reach the EHR at {settings.FHIR_BASE_URL} ({type(exc).__name__})",
-            code="ehr_connection",
+            f"could not reach the EHR at {host} ({type(exc).__name__})", code="ehr_connection"
         ) from exc
     status = response.status_code
-    if status in (200, 201):
+    if 200 <= status < 300:  # 201 created; 200 it had it already (the conditional create)
         return DeliveryOutput(
             identifier=identifier,
             status_code=status,

@@ -48,6 +48,10 @@ class NoteTampered(OperationRefused):
     code = "note_tampered"
 
 
+class NoteUnresolved(OperationRefused):
+    code = "note_unresolved"
+
+
 def _urn(*parts: object) -> str:
     return f"urn:uuid:{uuid.uuid5(_NAMESPACE, ':'.join(map(str, parts)))}"
 
@@ -87,6 +91,12 @@ def note_bundle(entry: NoteEntry, *, now: datetime | None = None) -> Bundle:
             f"Version {version.number} of the note changed after it was signed: its stored "
             "content no longer matches its signature. It is not exported; tell your privacy "
             "officer."
+        )
+    unresolved = version.note.unsupported()
+    if unresolved:
+        raise NoteUnresolved(
+            f"Version {version.number} has {len(unresolved)} line(s) stating a number or drug "
+            "their evidence does not show. Correct, confirm or remove them first."
         )
     identifier = note_identifier(visit.pk, version.number)
     composition_url = _urn(identifier, "Composition")

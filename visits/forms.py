@@ -86,13 +86,15 @@ class VisitRefsForm(forms.Form):
 def note_edits_from_post(post: QueryDict, note: ChartNote) -> dict[str, list[ItemEdit]]:
     """The clinician's edit of `note` from the edit form: per part, field `<part>-<i>` holds
     line i's text (emptied or ticked `<part>-<i>-remove` to remove it) and `<part>-new` the
-    lines they added, one per line. A line whose field is missing is kept as it was."""
+    lines they added, one per line; a ticked `<part>-<i>-confirm` confirms an unsupported
+    line. A line whose field is missing is kept as it was."""
     edits: dict[str, list[ItemEdit]] = {}
     for key, _, items in note.parts():
         kept = [
             ItemEdit(
                 index=i,
                 text="" if post.get(f"{key}-{i}-remove") else post.get(f"{key}-{i}", item.text),
+                confirmed=bool(post.get(f"{key}-{i}-confirm")),
             )
             for i, item in enumerate(items)
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from pathlib import PurePath
 
@@ -137,8 +138,11 @@ class NoteVersion(models.Model):
         return not self.is_signed or self.seal() == self.content_sha256
 
     def seal(self) -> str:
-        """SHA-256 over the visit, the version number and the content in canonical form."""
-        sealed = f"visit:{self.visit_id}:note:{self.number}:{self.note.canonical_json()}"
+        """SHA-256 over the visit, the version number and the content as stored, in one fixed
+        form (sorted keys, no spaces). The stored JSON, not the model's reading of it: a field
+        added to the model later must not break the seal of what was signed before."""
+        canonical = json.dumps(self.content, sort_keys=True, separators=(",", ":"))
+        sealed = f"visit:{self.visit_id}:note:{self.number}:{canonical}"
         return hashlib.sha256(sealed.encode()).hexdigest()
 
 

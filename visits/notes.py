@@ -10,6 +10,7 @@ refused in words (`NoteChanged`), never silently overwriting the first.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -20,8 +21,19 @@ from django.db.models import Max
 from django.utils import timezone
 
 from pipeline.errors import OperationRefused
+from pipeline.selectors import stage_output
+from visits import claims
+from visits.delivery import delivery_start
 from visits.models import NoteVersion, Visit, visit_id_of_subject
-from visits.schemas import ITEM_MAX_CHARS, NOTE_PARTS, ChartNote, NoteItem, NoteOutput
+from visits.schemas import (
+    ITEM_MAX_CHARS,
+    NOTE_PARTS,
+    ChartNote,
+    NoteItem,
+    NoteOutput,
+    TranscribeOutput,
+)
+from visits.transcription import transcript_load
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -55,6 +67,11 @@ def _latest_as_expected(
     latest = _latest(visit)
     if latest is None:
         raise OperationRefused(f"There is no note to {doing} yet: the pipeline has not made one.")
+    if not latest.is_intact:
+        raise OperationRefused(
+            f"Version {latest.number} changed after it was signed, so it cannot be the base of "
+            "a new version. Tell your privacy officer."
+        )
     if latest.number != number:
         who = latest.author.get_username() if latest.author else "a re-run of the pipeline"
         raise NoteChanged(
@@ -89,7 +106,7 @@ def note_draft_record(run: Run, output: NoteOutput) -> None:
         kind=NoteVersion.Kind.DRAFT,
         run=run,
         engine=output.engine,
-        content=ChartNote.from_draft(output.note).model_dump(mode="json"),
+        content=ChartNote.from_draft(output.note, output.unsupported).model_dump(mode="json"),
     )
 
 
@@ -99,10 +116,16 @@ def note_draft_record(run: Run, output: NoteOutput) -> None:
 @dataclass(frozen=True)
 class ItemEdit:
     """What the clinician left of one line: `index` is the line's place in the version they
-    edited (None for a line they added); an empty `text` removes the line."""
+    edited (None for a line they added); an empty `text` removes the line; `confirmed` says
+    they checked an unsupported line against the recording and stand by it."""
 
     index: int | None
     text: str
+    confirmed: bool = False
+
+
+# Problems of a reworded line against its evidence (empty: supported); see `visits.claims`.
+Recheck = Callable[[str, list[int]], list[str]]
 
 
 def _owner(visit: Visit, user: User, doing: str) -> None:
@@ -110,7 +133,9 @@ def _owner(visit: Visit, user: User, doing: str) -> None:
         raise PermissionDenied(f"Only the visit's clinician can {doing} its note.")
 
 
-def _items_after(base: list[NoteItem], edits: list[ItemEdit], title: str) -> list[NoteItem]:
+def _items_after(
+    base: list[NoteItem], edits: list[ItemEdit], title: str, recheck: Recheck
+) -> list[NoteItem]:
     items: list[NoteItem] = []
     for edit in edits:
         text = " ".join(edit.text.split())
@@ -128,22 +153,55 @@ def _items_after(base: list[NoteItem], edits: list[ItemEdit], title: str) -> lis
             raise OperationRefused(
                 f"A line of {title} refers to a line the note does not have; reload the note."
             )
-        original = base[edit.index]
-        if text == original.text:
-            items.append(original)
-        else:
-            items.append(original.model_copy(update={"text": text, "edited": True}))
+        item = base[edit.index]
+        if text != " ".join(item.text.split()):  # the form gives back spacing it was sent
+            # A reworded line is checked again against the evidence it keeps: correcting a
+            # value to what was said makes it supported; a value that was not said must be
+            # confirmed by the clinician.
+            problems = recheck(text, item.segment_ids) if item.segment_ids else []
+            item = item.model_copy(
+                update={
+                    "text": text,
+                    "edited": True,
+                    "supported": not problems,
+                    "doubt": "; ".join(problems),
+                    "confirmed": False,
+                }
+            )
+        if edit.confirmed and not item.supported:
+            item = item.model_copy(update={"confirmed": True})
+        items.append(item)
     return items
 
 
-def note_apply_edits(note: ChartNote, edits: dict[str, list[ItemEdit]]) -> ChartNote:
+def note_apply_edits(
+    note: ChartNote, edits: dict[str, list[ItemEdit]], recheck: Recheck
+) -> ChartNote:
     """The note as the clinician left it; a part without edits is unchanged."""
     return ChartNote.from_parts(
         {
-            key: _items_after(note.part(key), edits[key], title) if key in edits else note.part(key)
+            key: _items_after(note.part(key), edits[key], title, recheck)
+            if key in edits
+            else note.part(key)
             for key, title in NOTE_PARTS
         }
     )
+
+
+def note_recheck(version: NoteVersion) -> Recheck:
+    """How lines of `version` are checked against the transcript of the run they came from."""
+    transcribed = stage_output(version.run, "transcribe", TranscribeOutput)
+    try:
+        transcript = transcript_load(transcribed) if transcribed else None
+    except OSError:
+        transcript = None
+
+    def recheck(text: str, segment_ids: list[int]) -> list[str]:
+        if transcript is None:
+            return ["its transcript could not be read to check it"]
+        return claims.line_problems(text, segment_ids, transcript)
+
+    return recheck
 
 
 def note_save(
@@ -168,7 +226,7 @@ def note_save(
             "them with the newer version, then save again.",
         )
         note = base.note
-        content = note_apply_edits(note, edits)
+        content = note_apply_edits(note, edits, note_recheck(base))
         if content == note:
             raise OperationRefused("Nothing changed, so no new version was saved.")
         reason = " ".join(reason.split())
@@ -199,10 +257,6 @@ def note_sign(*, visit: Visit, clinician: User, number: int, reason: str = "") -
     (SHA-256) and it becomes what the chart holds. Signing after an earlier signature is an
     amendment and needs a reason, given now or when the change was saved. With
     `FHIR_BASE_URL` set, the signed version is then delivered to the EHR."""
-    # Imported here: delivery reads versions through the selectors, which the stages (and so
-    # this module, their success hook) sit under.
-    from visits.delivery import delivery_start
-
     _owner(visit, clinician, "sign")
     with transaction.atomic():
         visit, version = _latest_as_expected(
@@ -210,6 +264,13 @@ def note_sign(*, visit: Visit, clinician: User, number: int, reason: str = "") -
         )
         if version.is_signed:
             raise OperationRefused(f"Version {number} of the note is already signed.")
+        unresolved = version.note.unsupported()
+        if unresolved:
+            listed = "; ".join(f"{title}: “{item.text}”" for title, item in unresolved[:5])
+            raise OperationRefused(
+                f"{len(unresolved)} line(s) state a number or drug their evidence does not show "
+                f"({listed}). Edit the note to correct, confirm or remove them, then sign."
+            )
         signed_before = NoteVersion.objects.filter(visit=visit, signed_at__isnull=False).exists()
         reason = " ".join(reason.split()) or version.reason
         if signed_before and len(reason) < AMENDMENT_REASON_MIN_CHARS:

@@ -2,13 +2,17 @@
 
 It lets a machine with no key and no internet run the whole product. It is not a clinical
 model: it picks transcript sentences by keywords and copies them, so everything it says is a
-quotation with its evidence. Its output is labelled as such wherever it is shown."""
+quotation with its evidence. It extracts a value (a dose, a vital sign) only where the sentence
+says it plainly, read with its spoken numbers as digits; where a value is ambiguous (a change,
+an implausible number, an unknown drug name) it quotes the sentence instead of parsing it. Its
+output is labelled as such wherever it is shown."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
 
+from visits.claims import drugs_in
 from visits.schemas import (
     ClinicalSummary,
     Finding,
@@ -19,6 +23,7 @@ from visits.schemas import (
     Transcript,
     Vital,
 )
+from visits.spoken_numbers import spoken_numbers_normalize
 
 ENGINE_LABEL = "offline engine (keyword rules, no language model)"
 
@@ -29,20 +34,35 @@ _COMPLAINT = re.compile(
 )
 _HISTORY = re.compile(r"\b(since|ago|weeks?|days?|months?|years?|started|worse|better)\b", re.I)
 _ALLERGY = re.compile(r"\ballerg", re.I)
-_MEDICATION = re.compile(
-    r"\b(?P<name>[a-z][a-z-]{2,})\s*,?\s+(?:for\s+)?(?P<amount>\d+(?:\.\d+)?)\s*"
-    r"(?P<unit>mg|milligrams?|mcg|micrograms?|units?|ml)\b",
+# Read on text whose spoken numbers are digits (`spoken_numbers_normalize`).
+_DOSE = re.compile(
+    r"\b(?P<name>[a-z][a-z-]{2,})\s*,?\s+(?:for\s+|of\s+)?(?P<amount>\d+(?:\.\d+)?)\s*"
+    r"(?P<unit>mg|milligrams?|mcg|micrograms?|units?|ml|milliliters?)\b",
     re.I,
 )
 _FREQUENCY = re.compile(
-    r"\b(once|twice|three times|four times)\s+(a|per)\s+day\b|\b(daily|every morning|"
-    r"at night|every \w+ hours)\b",
+    r"\b(once|twice|three times|four times|\d times)\s+(a|per)\s+day\b|\b(daily|every morning|"
+    r"every evening|at night|at bedtime|every \d+ hours|as needed)\b",
     re.I,
 )
 _BLOOD_PRESSURE = re.compile(r"\b(\d{2,3})\s*(?:over|/)\s*(\d{2,3})\b", re.I)
-_OTHER_VITALS = re.compile(
-    r"\b(heart rate|pulse|temperature|oxygen|weight)\b\D{0,20}(\d+(?:\.\d+)?)", re.I
+# A vital sign's value follows its name closely ("pulse is 72", "temperature of 98.6"); a
+# change ("weight is up 4 pounds") is not a value, and is quoted instead.
+_VITAL = re.compile(
+    r"\b(?P<name>heart rate|pulse|temperature|oxygen(?: saturation)?|weight)\b"
+    r"(?P<between>[^.?!\d]{0,20}?)(?P<value>\d+(?:\.\d+)?)",
+    re.I,
 )
+_CHANGE = re.compile(r"\b(up|down|gained|lost|more|less|increased|decreased|by)\b", re.I)
+# Plausible adult ranges: a value outside is more likely a mishearing than a finding.
+_PLAUSIBLE = {
+    "heart rate": (30, 220),
+    "pulse": (30, 220),
+    "temperature": (34, 110),  # Celsius or Fahrenheit
+    "oxygen": (50, 100),
+    "oxygen saturation": (50, 100),
+    "weight": (2, 700),  # kilograms or pounds
+}
 _ASSESSMENT = re.compile(
     r"\b(i think|likely|probably|diagnos\w*|looks like|consistent with|is high|is low)\b", re.I
 )
@@ -51,47 +71,83 @@ _PLAN = re.compile(
     r"recommend|order|schedule|refer)\b",
     re.I,
 )
-_NOT_A_DRUG = {"take", "about", "with", "for", "and", "the", "than", "only"}
 
 
 def _matching(segments: Iterable[Segment], pattern: re.Pattern[str]) -> list[Finding]:
     return [Finding(text=s.text, segment_ids=[s.id]) for s in segments if pattern.search(s.text)]
 
 
-def summarize(transcript: Transcript) -> ClinicalSummary:
-    segments = transcript.segments
-    complaints = _matching(segments, _COMPLAINT)
-    medications = []
-    for segment in segments:
-        for match in _MEDICATION.finditer(segment.text):
-            if match["name"].lower() in _NOT_A_DRUG:
-                continue
-            frequency = _FREQUENCY.search(segment.text[match.end() :])
-            medications.append(
-                Medication(
-                    name=match["name"],
-                    dose=f"{match['amount']} {match['unit']}",
-                    frequency=frequency.group(0) if frequency else None,
+def _medications(segment: Segment, spoken: str) -> tuple[list[Medication], list[Finding]]:
+    """Doses of known drugs in one sentence; a dose of a word no lexicon knows is quoted, not
+    charted as a drug ("inside 5 milligrams" is what "glipizide" can sound like)."""
+    medications, quoted = [], []
+    for match in _DOSE.finditer(spoken):
+        name = match["name"]
+        if not drugs_in(name):
+            quoted.append(
+                Finding(
+                    text=f"A medication was mentioned, name not recognised: “{segment.text}”",
                     segment_ids=[segment.id],
                 )
             )
+            continue
+        frequency = _FREQUENCY.search(spoken[match.end() :])
+        medications.append(
+            Medication(
+                name=name,
+                dose=f"{match['amount']} {match['unit']}",
+                frequency=frequency.group(0) if frequency else None,
+                segment_ids=[segment.id],
+            )
+        )
+    return medications, quoted
+
+
+def _vitals(segment: Segment, spoken: str) -> list[Vital]:
+    """Vital signs said plainly in one sentence; one said ambiguously is quoted whole."""
     vitals = []
-    for segment in segments:
-        if "pressure" in segment.text.lower() and (bp := _BLOOD_PRESSURE.search(segment.text)):
+    if re.search(r"\b(blood )?pressure\b|\bBP\b", spoken, re.I):
+        bp = _BLOOD_PRESSURE.search(spoken)
+        if bp and 60 <= int(bp[1]) <= 260 and 30 <= int(bp[2]) <= 160:
             vitals.append(
                 Vital(
                     name="blood pressure", value=f"{bp[1]}/{bp[2]} mmHg", segment_ids=[segment.id]
                 )
             )
-        vitals.extend(
-            Vital(name=m[1].lower(), value=m[2], segment_ids=[segment.id])
-            for m in _OTHER_VITALS.finditer(segment.text)
-        )
+        elif re.search(r"\d", spoken):
+            vitals.append(_quoted("blood pressure", segment))
+    for match in _VITAL.finditer(spoken):
+        name = match["name"].lower()
+        low, high = _PLAUSIBLE[name]
+        if _CHANGE.search(match["between"]) or not low <= float(match["value"]) <= high:
+            vitals.append(_quoted(name, segment))
+        else:
+            vitals.append(Vital(name=name, value=match["value"], segment_ids=[segment.id]))
+    return vitals
+
+
+def _quoted(name: str, segment: Segment) -> Vital:
+    return Vital(name=f"{name} (as said)", value=f"“{segment.text}”", segment_ids=[segment.id])
+
+
+def summarize(transcript: Transcript) -> ClinicalSummary:
+    segments = transcript.segments
+    complaints = _matching(segments, _COMPLAINT)
+    medications: list[Medication] = []
+    unrecognised: list[Finding] = []
+    vitals: list[Vital] = []
+    for segment in segments:
+        spoken = spoken_numbers_normalize(segment.text)
+        found, quoted = _medications(segment, spoken)
+        medications += found
+        unrecognised += quoted
+        vitals += _vitals(segment, spoken)
     # A complaint is what the patient says in answer to the opening question, not the question.
     chief = next((f for f in complaints if "brings you in" not in f.text.lower()), None)
     return ClinicalSummary(
         chief_complaint=chief,
-        history=[f for f in _matching(segments, _HISTORY) if chief is None or f != chief],
+        history=[f for f in _matching(segments, _HISTORY) if chief is None or f != chief]
+        + unrecognised,
         medications=medications,
         allergies=_matching(segments, _ALLERGY),
         vitals=vitals,

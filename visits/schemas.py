@@ -5,7 +5,7 @@ a clinician can check any sentence against the recording."""
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -100,7 +100,9 @@ ITEM_MAX_CHARS = 2000
 
 class NoteItem(BaseModel):
     """One line of a note version. A model's line keeps its evidence when a clinician edits its
-    text; a line the clinician adds has none and says so (`source`)."""
+    text; a line the clinician adds has none and says so (`source`). A line whose evidence
+    does not bear out a number or drug it states is `supported: false`, with the reason in
+    `doubt`, until the clinician rewords it so that it does, confirms it, or removes it."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -108,6 +110,9 @@ class NoteItem(BaseModel):
     segment_ids: list[int] = Field(default_factory=list)
     source: Literal["model", "clinician"] = "model"
     edited: bool = False  # a model's line whose text a clinician changed
+    supported: bool = True
+    doubt: str = ""
+    confirmed: bool = False  # the clinician checked an unsupported line against the recording
 
     @property
     def clinician_entered(self) -> bool:
@@ -146,14 +151,36 @@ class ChartNote(BaseModel):
     patient_summary: list[NoteItem]
 
     @classmethod
-    def from_draft(cls, draft: PostVisitNote) -> ChartNote:
-        def items(findings: list[Finding]) -> list[NoteItem]:
-            return [NoteItem(text=f.text, segment_ids=f.segment_ids) for f in findings]
+    def from_draft(cls, draft: PostVisitNote, doubts: Sequence[Doubt] = ()) -> ChartNote:
+        """The model's draft as version 1; the lines in `doubts` are marked unsupported."""
+        why = {doubt.where: doubt.why for doubt in doubts}
+
+        def items(where: str, findings: list[Finding]) -> list[NoteItem]:
+            return [
+                NoteItem(
+                    text=f.text,
+                    segment_ids=f.segment_ids,
+                    supported=f"{where}[{i}]" not in why,
+                    doubt=why.get(f"{where}[{i}]", ""),
+                )
+                for i, f in enumerate(findings)
+            ]
 
         return cls(
-            soap=ChartSOAP(**{name: items(found) for name, found in draft.soap.sections()}),
-            patient_summary=items(draft.patient_summary),
+            soap=ChartSOAP(
+                **{name: items(f"soap.{name}", found) for name, found in draft.soap.sections()}
+            ),
+            patient_summary=items("patient_summary", draft.patient_summary),
         )
+
+    def unsupported(self) -> list[tuple[str, NoteItem]]:
+        """(part title, line) of every line still unsupported and not confirmed."""
+        return [
+            (title, item)
+            for _, title, items in self.parts()
+            for item in items
+            if not item.supported and not item.confirmed
+        ]
 
     @classmethod
     def from_parts(cls, parts: dict[str, list[NoteItem]]) -> ChartNote:
@@ -166,10 +193,6 @@ class ChartNote(BaseModel):
     def parts(self) -> list[tuple[str, str, list[NoteItem]]]:
         """(key, title, items) for every part, in reading order."""
         return [(key, title, self.part(key)) for key, title in NOTE_PARTS]
-
-    def canonical_json(self) -> str:
-        """The content in one fixed form (sorted keys, no spaces): what a signature seals."""
-        return json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
 
 
 # --- what each stage of the visit workflow returns (stored as JSON, read back as these) -------
@@ -196,14 +219,33 @@ class TranscribeOutput(_StageOutput):
     chunks_reused: int
 
 
+class Doubt(BaseModel):
+    """A statement its cited evidence does not bear out (`visits.claims`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    where: str = Field(description="e.g. 'medications[0]', 'soap.objective[1]'")
+    text: str
+    why: str
+    # "unsupported": a number or drug its evidence does not show (the model is asked to
+    # repair it); "unknown_drug": a medication no lexicon knows (flagged for review only).
+    kind: Literal["unsupported", "unknown_drug"] = "unsupported"
+
+    def __str__(self) -> str:
+        return f"{self.where} (“{self.text}”): {self.why}"
+
+
 class SummarizeOutput(_StageOutput):
     engine: str
     summary: ClinicalSummary
+    # Statements still unsupported after the model was asked to repair them: shown flagged.
+    unsupported: list[Doubt] = Field(default_factory=list)
 
 
 class NoteOutput(_StageOutput):
     engine: str
     note: PostVisitNote
+    unsupported: list[Doubt] = Field(default_factory=list)
 
 
 class DeliveryOutput(_StageOutput):

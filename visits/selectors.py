@@ -28,6 +28,7 @@ from visits.schemas import (
     ChartNote,
     ClinicalSummary,
     DeliveryOutput,
+    Doubt,
     IngestOutput,
     NoteItem,
     NoteOutput,
@@ -36,7 +37,7 @@ from visits.schemas import (
     TranscribeOutput,
     Transcript,
 )
-from visits.stages import transcript_load
+from visits.transcription import transcript_load
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -178,6 +179,8 @@ class VisitStatus(BaseModel):
     usage: UsageDoc
     transcript: TranscriptDoc | None
     summary: ClinicalSummary | None
+    # Statements of the summary its cited segments do not bear out (flagged, not facts).
+    summary_unsupported: list[Doubt]
     # The latest version of the note (the clinician's edits included), and where it stands.
     note: ChartNote | None
     note_version: int | None
@@ -301,6 +304,7 @@ def visit_status_document(
             else None
         ),
         summary=summarized.summary if summarized else None,
+        summary_unsupported=summarized.unsupported if summarized else [],
         note=latest_note.version.note if latest_note else None,
         note_version=latest_note.version.number if latest_note else None,
         note_status=latest_note.status if latest_note else None,
@@ -490,7 +494,13 @@ def after_visit_summary(version: NoteVersion) -> AfterVisitSummary:
     come_back = [item for item in plan if _COME_BACK.search(item.text)]
     changed = [item for item in plan if item not in come_back and _CHANGED.search(item.text)]
     to_do = [item for item in plan if item not in come_back and item not in changed]
-    found = list(note.patient_summary)
+    # A patient-summary line that repeats a plan line ("What we agreed: follow up in two
+    # weeks") is said once, under the plan's heading.
+    found = [
+        item
+        for item in note.patient_summary
+        if not any(line.text.lower() in item.text.lower() for line in plan)
+    ]
     text = " ".join(item.text for item in [*found, *changed, *to_do, *come_back])
     return AfterVisitSummary(
         found=found,

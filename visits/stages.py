@@ -9,18 +9,22 @@ ones before comes from their committed outputs, read back as those models."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from django.conf import settings
+from openai.types.chat import ChatCompletionMessageParam
 
 from pipeline.context import StageContext, artifact_path
 from pipeline.errors import BudgetExceeded, OutputInvalid
 from pipeline.llm import llm_enabled
 from pipeline.policy import RetryPolicy
 from pipeline.workflow import StageSpec, Workflow
-from visits import audio, notes, offline, prompts, transcription
+from visits import audio, claims, notes, offline, prompts, transcription
 from visits.errors import EmptyRecording, NoSpeechDetected, RecordingTooLong, UnreadableRecording
 from visits.schemas import (
     ClinicalSummary,
+    Doubt,
     IngestOutput,
     NoteOutput,
     PostVisitNote,
@@ -99,38 +103,61 @@ def transcribe(ctx: StageContext) -> TranscribeOutput:
     )
 
 
-def transcript_load(transcribed: TranscribeOutput) -> Transcript:
-    """The transcript file a transcribe stage wrote (OSError if storage lost it)."""
-    return Transcript.model_validate_json(artifact_path(transcribed.transcript).read_text())
-
-
 def _engine_label() -> str:
     return settings.LLM_MODEL if llm_enabled() else offline.ENGINE_LABEL
 
 
+DocumentT = TypeVar("DocumentT", ClinicalSummary, PostVisitNote)
+
+
+def _drafted(
+    ctx: StageContext,
+    transcript: Transcript,
+    *,
+    messages: list[ChatCompletionMessageParam],
+    output_type: type[DocumentT],
+    offline_draft: Callable[[], DocumentT],
+    doubts: Callable[[DocumentT, Transcript], list[Doubt]],
+) -> tuple[DocumentT, list[Doubt]]:
+    """A document from the model (or the offline engine) whose citations all exist, asked once
+    to repair what its evidence does not show; and what is still doubtful after that."""
+    document = ctx.llm.complete(
+        messages=messages,
+        output_type=output_type,
+        offline=offline_draft,
+        check=lambda result: evidence_check(result, transcript),
+        review=lambda result: claims.unsupported_as_repair(doubts(result, transcript)),
+    )
+    return document, doubts(document, transcript)
+
+
 def summarize(ctx: StageContext) -> SummarizeOutput:
     """Structured clinical facts, each citing the transcript segments it came from."""
-    transcript = transcript_load(ctx.output("transcribe", TranscribeOutput))
-    summary = ctx.llm.complete(
+    transcript = transcription.transcript_load(ctx.output("transcribe", TranscribeOutput))
+    summary, unsupported = _drafted(
+        ctx,
+        transcript,
         messages=prompts.summarize_messages(transcript),
         output_type=ClinicalSummary,
-        offline=lambda: offline.summarize(transcript),
-        check=lambda result: evidence_check(result, transcript),
+        offline_draft=lambda: offline.summarize(transcript),
+        doubts=claims.summary_unsupported,
     )
-    return SummarizeOutput(engine=_engine_label(), summary=summary)
+    return SummarizeOutput(engine=_engine_label(), summary=summary, unsupported=unsupported)
 
 
 def note(ctx: StageContext) -> NoteOutput:
     """The SOAP note for the chart and the after-visit summary for the patient."""
-    transcript = transcript_load(ctx.output("transcribe", TranscribeOutput))
+    transcript = transcription.transcript_load(ctx.output("transcribe", TranscribeOutput))
     summary = ctx.output("summarize", SummarizeOutput).summary
-    result = ctx.llm.complete(
+    result, unsupported = _drafted(
+        ctx,
+        transcript,
         messages=prompts.note_messages(summary),
         output_type=PostVisitNote,
-        offline=lambda: offline.write_note(summary),
-        check=lambda result: evidence_check(result, transcript),
+        offline_draft=lambda: offline.write_note(summary),
+        doubts=claims.note_unsupported,
     )
-    return NoteOutput(engine=_engine_label(), note=result)
+    return NoteOutput(engine=_engine_label(), note=result, unsupported=unsupported)
 
 
 # Provider outages come in minutes, so the LLM stages are patient: six attempts, backing off

@@ -15,7 +15,9 @@ import numpy as np
 from django.conf import settings
 from faster_whisper import WhisperModel
 
+from pipeline.context import artifact_path
 from visits.audio import SAMPLE_RATE
+from visits.schemas import TranscribeOutput, Transcript
 
 logger = logging.getLogger(__name__)
 
@@ -259,3 +261,8 @@ def _capped(group: list[WordLike]) -> list[list[WordLike]]:
         key=lambda i: (_pause(group[i - 1], group[i]), -abs(float(group[i].start) - middle)),
     )
     return _capped(group[:cut]) + _capped(group[cut:])
+
+
+def transcript_load(transcribed: TranscribeOutput) -> Transcript:
+    """The transcript file a transcribe stage wrote (OSError if storage lost it)."""
+    return Transcript.model_validate_json(artifact_path(transcribed.transcript).read_text())

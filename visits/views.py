@@ -31,10 +31,17 @@ from visits.browser_recordings import (
     recording_piece_save,
     recording_session_finish,
 )
-from visits.fhir import FHIR_JSON, NoteTampered, note_bundle_json
+from visits.fhir import FHIR_JSON, NoteTampered, NoteUnresolved, note_bundle_json
 from visits.forms import VisitRefsForm, VisitUploadForm, note_edits_from_post
 from visits.models import AccessEvent, Visit
-from visits.notes import NoteChanged, note_apply_edits, note_diff, note_save, note_sign
+from visits.notes import (
+    NoteChanged,
+    note_apply_edits,
+    note_diff,
+    note_recheck,
+    note_save,
+    note_sign,
+)
 from visits.recording_response import recording_response
 from visits.selectors import (
     NoteEntry,
@@ -302,7 +309,10 @@ def note_edit(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
             messages.error(request, str(exc))
             context |= {
                 "reason": reason,
-                "yours": note_diff(base.version.note, note_apply_edits(base.version.note, edits)),
+                "yours": note_diff(
+                    base.version.note,
+                    note_apply_edits(base.version.note, edits, note_recheck(base.version)),
+                ),
                 "theirs": note_diff(base.version.note, exc.latest.note),
                 "base": base,
             }
@@ -366,6 +376,20 @@ def visit_after_visit_summary(request: AuthenticatedHttpRequest, visit_id: int) 
         messages.error(request, "There is no note yet to summarise for the patient.")
         return redirect("visits:detail", visit_id=visit.pk)
     version = history[-1].version
+    if not version.is_intact:
+        refusal = (
+            f"Version {version.number} changed after it was signed: it is not printed as a "
+            "signed summary. Tell your privacy officer."
+        )
+        access_record(
+            request=request,
+            visit=visit,
+            action=AccessEvent.Action.PRINT_SUMMARY,
+            version=version.number,
+            refused=refusal,
+        )
+        messages.error(request, refusal)
+        return redirect("visits:detail", visit_id=visit.pk)
     access_record(
         request=request,
         visit=visit,
@@ -395,7 +419,7 @@ def visit_fhir(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse
             version=int(asked) if asked and asked.isdigit() else None,
             refused=str(exc),
         )
-        status = 409 if isinstance(exc, NoteTampered) else 404
+        status = 409 if isinstance(exc, (NoteTampered, NoteUnresolved)) else 404
         return JsonResponse({"error": str(exc), "code": exc.code}, status=status)
     access_record(
         request=request,

@@ -7,6 +7,7 @@ the test database, as in tests/pipeline/test_cluster.py) does it while the page 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import pytest
 from playwright.sync_api import Page, expect
@@ -14,9 +15,12 @@ from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from pipeline.states import RunStatus
 from tests.conftest import SHORT_VISIT, requires_postgres
-from tests.support.cluster import wait_for
+from tests.support.cluster import Cluster, wait_for
 from visits.models import Visit
 from visits.services import visit_create, visit_start
+
+if TYPE_CHECKING:
+    from django.contrib.auth.models import User
 
 pytestmark = requires_postgres
 
@@ -24,6 +28,22 @@ PASSWORD = "pw-ada-12345!"  # the `clinician` fixture's
 FINISH_MS = 120_000  # transcription and the LLM stages on 2 shared cores: ~5-20 s, CI slower
 RECORDING_INPUT = 'input[type="file"][name="recording"]'  # the upload form's
 FINAL = (RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED)
+
+
+def processed_on(cluster: Cluster, clinician: User, **visit_fields: str) -> Visit:
+    """A visit of SHORT_VISIT started on `cluster` and waited for; its run must succeed."""
+    visit = visit_create(clinician=clinician, recording=SHORT_VISIT, **visit_fields)
+    visit_start(visit=visit)
+
+    def final() -> bool:
+        assert visit.current_run is not None
+        visit.current_run.refresh_from_db()
+        return visit.current_run.status in FINAL
+
+    wait_for(final, timeout=FINISH_MS / 1000, what="the pipeline to finish")
+    assert visit.current_run is not None
+    assert visit.current_run.status == RunStatus.SUCCEEDED, cluster.log()
+    return visit
 
 
 def log_in(page: Page, username: str, password: str = PASSWORD) -> None:
@@ -108,16 +128,7 @@ def test_another_clinicians_visit_answers_404(live_server, page: Page, clinician
 def test_a_citation_highlights_its_segment_and_seeks_the_recording(
     live_server, start_cluster, page: Page, clinician, screenshot
 ):
-    cluster = start_cluster()
-    visit = visit_create(clinician=clinician, recording=SHORT_VISIT)
-    visit_start(visit=visit)
-
-    def final() -> bool:
-        visit.current_run.refresh_from_db()
-        return visit.current_run.status in FINAL
-
-    wait_for(final, timeout=FINISH_MS / 1000, what="the run to finish")
-    assert visit.current_run.status == RunStatus.SUCCEEDED, cluster.log()
+    visit = processed_on(start_cluster(), clinician)
 
     log_in(page, clinician.username)
     page.goto(f"/visits/{visit.pk}/")

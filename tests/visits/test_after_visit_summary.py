@@ -29,8 +29,15 @@ def test_the_plan_is_sorted_under_the_patients_questions(visit):
     version = entry.version
     summary = after_visit_summary(version)
 
-    assert summary.found == version.note.patient_summary
     plan = version.note.soap.plan
+    # The patient's own lines, less those that only repeat a plan line (said once, there).
+    repeats = [
+        item
+        for item in version.note.patient_summary
+        if any(line.text.lower() in item.text.lower() for line in plan)
+    ]
+    assert repeats, "the offline engine's summary repeats the plan: the case under test"
+    assert summary.found == [i for i in version.note.patient_summary if i not in repeats]
     assert sorted(map(str, summary.changed + summary.to_do + summary.come_back)) == sorted(
         map(str, plan)
     )  # every plan item once, none lost
