@@ -33,6 +33,7 @@ from django.db.models import (
     Min,
     Q,
     QuerySet,
+    Sum,
 )
 from django.db.models.functions import TruncDate
 from django.utils import timezone
@@ -116,6 +117,9 @@ class Dashboard(_Figures):
     reruns_total: int
     operator_actions: list[Tally]
     operator_actions_total: int
+    # Items of stage outputs a person must review, by stage (outputs made in the window).
+    flagged_by_stage: list[Tally]
+    flagged_total: int
 
     @property
     def audio_hours(self) -> float:
@@ -380,11 +384,25 @@ def operator_actions_by_action(*, since: datetime) -> list[Tally]:
     ]
 
 
+def flagged_by_stage(*, since: datetime) -> list[Tally]:
+    """Items a person must review (`StageSpec.flagged`), by stage, over the outputs committed
+    in the window (a re-run's reused outputs are not counted again)."""
+    rows = (
+        Stage.objects.filter(finished_at__gte=since, flagged__gt=0, status=StageStatus.SUCCEEDED)
+        .filter(reused_from__isnull=True)
+        .order_by()
+        .values("run__workflow", "name", "position")
+        .annotate(count=Sum("flagged"))
+        .order_by("run__workflow", "position")
+    )
+    return [Tally(label=f"{r['run__workflow']}: {r['name']}", count=r["count"]) for r in rows]
+
+
 # --- the whole page --------------------------------------------------------------------------
 
 
 def dashboard_get(*, days: int = DEFAULT_WINDOW_DAYS, now: datetime | None = None) -> Dashboard:
-    """Everything the dashboard shows for the last `days` whole days, in nine queries."""
+    """Everything the dashboard shows for the last `days` whole days, in ten queries."""
     until = now or timezone.now()
     since = window_start(days=days, now=until)
     labels = _StageLabels()
@@ -435,6 +453,7 @@ def dashboard_get(*, days: int = DEFAULT_WINDOW_DAYS, now: datetime | None = Non
 
     reruns = reruns_by_fork_stage(since=since)
     actions = operator_actions_by_action(since=since)
+    flagged = flagged_by_stage(since=since)
     return Dashboard(
         days=days,
         since=since,
@@ -451,4 +470,6 @@ def dashboard_get(*, days: int = DEFAULT_WINDOW_DAYS, now: datetime | None = Non
         reruns_total=sum(r.count for r in reruns),
         operator_actions=actions,
         operator_actions_total=sum(r.count for r in actions),
+        flagged_by_stage=flagged,
+        flagged_total=sum(r.count for r in flagged),
     )

@@ -67,6 +67,8 @@ class Stage(models.Model):
     # page shows as a progress bar. Reset when an attempt starts.
     progress_done = models.PositiveIntegerField(default=0)
     progress_total = models.PositiveIntegerField(null=True, blank=True)
+    # How many items of the committed output a person must review (`StageSpec.flagged`).
+    flagged = models.PositiveIntegerField(default=0)
     # Set exactly when the stage is failed: a permanent error, or attempts exhausted.
     failure_kind = models.CharField(max_length=16, choices=FailureKind.choices, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)

@@ -120,6 +120,7 @@ def run_create(
                         position=position,
                         status=StageStatus.SUCCEEDED,
                         output=source.output,
+                        flagged=source.flagged,
                         reused_from=source.reused_from or source,
                         started_at=now,
                         finished_at=now,
@@ -326,10 +327,15 @@ def attempt_complete(
 ) -> Stage | None:
     """Commit the output and `succeeded` together; open the next stage and return it."""
     now = timezone.now()
+    spec = workflow_get(claim.workflow).stage(claim.stage_name)
+    # The executor validated `output` already; read it back only for the spec's own readers.
+    wanted = spec.output is not None and (spec.on_success or spec.flagged)
+    model = spec.output.model_validate(output) if wanted and spec.output else None
     with transaction.atomic():
         if not _held(claim, now).update(
             status=StageStatus.SUCCEEDED,
             output=output,
+            flagged=spec.flagged(model) if spec.flagged is not None else 0,
             finished_at=now,
             lease_owner="",
             lease_expires_at=None,
@@ -343,9 +349,8 @@ def attempt_complete(
         Attempt.objects.filter(id=claim.attempt_id).update(
             status=AttemptStatus.SUCCEEDED, finished_at=now, **(usage or AttemptUsage()).columns()
         )
-        spec = workflow_get(claim.workflow).stage(claim.stage_name)
-        if spec.on_success is not None and spec.output is not None:
-            spec.on_success(Run.objects.get(id=claim.run_id), spec.output.model_validate(output))
+        if spec.on_success is not None:
+            spec.on_success(Run.objects.get(id=claim.run_id), model)
         next_stage = (
             Stage.objects.filter(run_id=claim.run_id, position__gt=claim.position)
             .exclude(status=StageStatus.SUCCEEDED)

@@ -43,6 +43,9 @@ class StageSpec:
     # Runs in the commit of a successful attempt (never for a failed, discarded or reused
     # one); if it raises, the attempt fails and nothing of it is kept.
     on_success: SuccessHook | None = None
+    # How many items of an output a person must review (say, statements its evidence does not
+    # show); kept on the stage and counted on the dashboard.
+    flagged: Callable[[Any], int] | None = None
 
     def output_dump(self, value: object) -> dict[str, object]:
         """Validate what the stage function returned against its model; the JSON to store."""

@@ -26,7 +26,7 @@ from pipeline.selectors import (
     with_failed_stage,
 )
 from pipeline.states import FailureKind
-from visits.models import Visit
+from visits.models import ClinicianVocabulary, Visit
 from visits.services import (
     REPROCESS_PERMISSION,
     visit_cancel,
@@ -36,6 +36,7 @@ from visits.services import (
     visit_skip_backoff,
 )
 from visits.stages import VISIT_WORKFLOW
+from visits.vocabulary import vocabulary_prompt
 
 if TYPE_CHECKING:
     from pipeline.models import Attempt, Run, Stage
@@ -397,3 +398,19 @@ class VisitAdmin(admin.ModelAdmin):
     @admin.action(description="Retry failed delivery to the EHR", permissions=["reprocess"])
     def retry_delivery(self, request: HttpRequest, queryset: QuerySet[Visit]) -> Any:
         return _operate(self, request, queryset, OPERATIONS["retry_delivery"])
+
+
+@admin.register(ClinicianVocabulary)
+class ClinicianVocabularyAdmin(admin.ModelAdmin):
+    """Each clinician's specialty and own words: what their visits' transcription expects.
+    A change applies to visits created after it (a visit keeps the prompt it started with)."""
+
+    list_display = ["clinician", "specialty", "updated_at"]
+    list_filter = ["specialty"]
+    search_fields = ["clinician__username"]
+    autocomplete_fields = ["clinician"]
+    readonly_fields = ["prompt_preview", "updated_at"]
+
+    @admin.display(description="prompt the transcription is given")
+    def prompt_preview(self, vocabulary: ClinicianVocabulary) -> str:
+        return vocabulary_prompt(vocabulary.specialty, vocabulary.word_list()) or "—"

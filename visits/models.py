@@ -62,6 +62,37 @@ def visit_id_of_subject(subject: str) -> int:
     return int(subject.removeprefix("visit:"))
 
 
+def _specialty_choices() -> list[tuple[str, str]]:
+    from visits.vocabulary import specialties
+
+    return [(name, name) for name in specialties()]
+
+
+class ClinicianVocabulary(models.Model):
+    """A clinician's specialty and own words (local drug names, colleagues, abbreviations),
+    told to the transcription of each of their visits (`visits.vocabulary`)."""
+
+    clinician = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="vocabulary"
+    )
+    specialty = models.CharField(max_length=64, blank=True, choices=_specialty_choices)
+    words = models.TextField(
+        blank=True,
+        help_text="One word or phrase per line, most important first; the first ones are kept "
+        "when the list is longer than the transcription can take.",
+    )
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "clinician vocabularies"
+
+    def __str__(self) -> str:
+        return f"vocabulary of {self.clinician}"
+
+    def word_list(self) -> list[str]:
+        return [line.strip() for line in self.words.splitlines() if line.strip()]
+
+
 class NoteVersion(models.Model):
     """One version of a visit's note. Each finished note stage adds the model's draft (version
     1 for the first run); each save by the clinician adds the next. A version is never changed

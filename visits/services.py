@@ -27,9 +27,10 @@ from pipeline.selectors import run_of_subject, runs_of_subject
 from pipeline.states import RunStatus
 from visits.delivery import NOTE_DELIVERY_WORKFLOW
 from visits.errors import SUPPORTED_FORMATS, RecordingRejected
-from visits.models import AccessEvent, Visit
+from visits.models import AccessEvent, ClinicianVocabulary, Visit
 from visits.selectors import visit_note_signed
 from visits.stages import VISIT_WORKFLOW
+from visits.vocabulary import vocabulary_prompt
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AnonymousUser, User
@@ -113,13 +114,26 @@ def visit_create(
             visit.current_run = store.run_create(
                 workflow=VISIT_WORKFLOW,
                 subject=visit.subject,
-                input={"recording": visit.recording.name},
+                input={
+                    "recording": visit.recording.name,
+                    # Fixed now, so that every attempt and re-run transcribes alike.
+                    "whisper_prompt": clinician_vocabulary_prompt(clinician),
+                },
             )
             visit.save(update_fields=["current_run"])
     except BaseException:
         visit.recording.delete(save=False)
         raise
     return visit
+
+
+def clinician_vocabulary_prompt(clinician: User) -> str:
+    """The transcription prompt for a new visit of `clinician`: their specialty's lexicon and
+    their own words; empty when they have set neither."""
+    found = ClinicianVocabulary.objects.filter(clinician=clinician).first()
+    if found is None or not (found.specialty or found.word_list()):
+        return ""
+    return vocabulary_prompt(found.specialty, found.word_list())
 
 
 def visit_start(*, visit: Visit, inline: bool = False) -> None:

@@ -8,6 +8,7 @@ ones before comes from their committed outputs, read back as those models."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -60,20 +61,23 @@ def transcribe(ctx: StageContext) -> TranscribeOutput:
     pcm = audio.pcm_load(artifact_path(ingested.audio))
     bounds = transcription.chunk_bounds(pcm, settings.TRANSCRIBE_CHUNK_SECONDS)
     done = ctx.checkpoints(prefix="chunk:")
+    prompt = ctx.input.get("whisper_prompt", "")
+    # A chunk heard with another prompt is another transcription: never mix the two.
+    prompted = hashlib.sha256(prompt.encode()).hexdigest()[:12]
     raw_segments: list[transcription.RawSegment] = []
     reused = 0
     ctx.progress(0, len(bounds))
     for index, (start, end) in enumerate(bounds):
-        # The key names how a chunk was cut into segments: a retry after a change of that
-        # rule transcribes again rather than mix two kinds of segment in one transcript.
-        key = f"chunk:{transcription.SEGMENTS_VERSION}:{index:05d}:{start}:{end}"
+        # The key names how a chunk was cut into segments and the prompt it was heard with: a
+        # retry after a change of either transcribes again rather than mix two kinds.
+        key = f"chunk:{transcription.SEGMENTS_VERSION}:{prompted}:{index:05d}:{start}:{end}"
         if key in done:
             chunk = done[key]
             reused += 1
             ctx.usage.saved_audio_seconds += (end - start) / audio.SAMPLE_RATE
         else:
             chunk = transcription.transcribe_samples(
-                pcm[start:end], offset_seconds=start / audio.SAMPLE_RATE
+                pcm[start:end], offset_seconds=start / audio.SAMPLE_RATE, prompt=prompt
             )
             ctx.checkpoint_save(key, chunk)
             ctx.usage.audio_seconds += (end - start) / audio.SAMPLE_RATE
@@ -211,6 +215,7 @@ VISIT_WORKFLOW = Workflow(
             run=summarize,
             output=SummarizeOutput,
             policy=LLM_STAGE_POLICY,
+            flagged=lambda output: len(output.unsupported),
         ),
         StageSpec(
             name="note",
@@ -218,6 +223,7 @@ VISIT_WORKFLOW = Workflow(
             run=note,
             output=NoteOutput,
             policy=LLM_STAGE_POLICY,
+            flagged=lambda output: len(output.unsupported),
             # The draft becomes the visit's next note version in the same commit.
             on_success=notes.note_draft_record,
         ),

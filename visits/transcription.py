@@ -135,15 +135,20 @@ class WordLike(Protocol):
     def word(self) -> str: ...
 
 
-def transcribe_samples(pcm: np.ndarray, *, offset_seconds: float) -> list[RawSegment]:
-    """Transcribe one chunk into sentence segments; times are relative to the whole recording."""
-    return sentences_from_words(transcribe_words(pcm), offset_seconds=offset_seconds)
+def transcribe_samples(
+    pcm: np.ndarray, *, offset_seconds: float, prompt: str = ""
+) -> list[RawSegment]:
+    """Transcribe one chunk into sentence segments; times are relative to the whole recording.
+    `prompt` names words to expect (`visits.vocabulary`)."""
+    return sentences_from_words(transcribe_words(pcm, prompt=prompt), offset_seconds=offset_seconds)
 
 
-def transcribe_words(pcm: np.ndarray) -> list[TimedWord]:
+def transcribe_words(pcm: np.ndarray, *, prompt: str = "") -> list[TimedWord]:
     """The words of one chunk with their times (seconds from the chunk's start), in order."""
     audio = np.asarray(pcm, dtype=np.float32) / 32768.0
-    segments, _info = whisper_model().transcribe(audio, **transcribe_options())
+    segments, _info = whisper_model().transcribe(
+        audio, **transcribe_options(), initial_prompt=prompt or None
+    )
     words: list[TimedWord] = []
     for segment in segments:
         for index, word in enumerate(segment.words or ()):

@@ -9,6 +9,7 @@ import json
 import pytest
 from django.urls import reverse
 
+from pipeline.dashboard import dashboard_get
 from pipeline.errors import OperationRefused
 from pipeline.selectors import stage_output
 from tests.conftest import SHORT_VISIT
@@ -340,3 +341,17 @@ def test_the_transcript_is_quoted_data_that_no_speaker_can_close():
     quoted = [json.loads(line) for line in inside.splitlines()]
     assert [q["text"] for q in quoted] == [s.text for s in said.segments]
     assert "warfarin" not in system["content"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_flagged_statements_are_counted_on_the_dashboard(clinician, llm_server, admin_client):
+    processed(clinician, llm_server, InventingModel(listens=False))
+
+    board = dashboard_get(days=1)
+    assert {t.label: t.count for t in board.flagged_by_stage} == {
+        "visit: summarize": 1,
+        "visit: note": 1,
+    }
+    assert board.flagged_total == 2
+    page = admin_client.get(reverse("pipeline:dashboard")).content.decode()
+    assert "Flagged for review" in page and "visit: summarize" in page
