@@ -8,6 +8,7 @@ from pathlib import Path, PurePath
 from typing import TYPE_CHECKING
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.exceptions import PermissionDenied
 from django.core.files import File
 from django.core.files.uploadedfile import UploadedFile
@@ -83,8 +84,10 @@ def visit_create(
     recording_session: uuid.UUID | None = None,
     patient_ref: str = "",
     encounter_ref: str = "",
+    whisper_prompt: str | None = None,
 ) -> Visit:
-    """Store the recording privately, create the visit and its first run (not yet started)."""
+    """Store the recording privately, create the visit and its first run (not yet started).
+    The transcription's prompt is the clinician's vocabulary unless `whisper_prompt` says."""
     patient_ref = visit_ref_validate(patient_ref, what="patient reference")
     encounter_ref = visit_ref_validate(encounter_ref, what="encounter reference")
     if isinstance(recording, Path):
@@ -117,7 +120,9 @@ def visit_create(
                 input={
                     "recording": visit.recording.name,
                     # Fixed now, so that every attempt and re-run transcribes alike.
-                    "whisper_prompt": clinician_vocabulary_prompt(clinician),
+                    "whisper_prompt": clinician_vocabulary_prompt(clinician)
+                    if whisper_prompt is None
+                    else whisper_prompt,
                 },
             )
             visit.save(update_fields=["current_run"])
@@ -276,3 +281,22 @@ def access_record(
         ip=request.META.get("REMOTE_ADDR") if request else None,
         user_agent=request.headers.get("User-Agent", "")[:300] if request else "",
     )
+
+
+def service_clinician(username: str | None, *, service_account: str) -> User:
+    """Who owns the visits a command makes: the user `username`, who must exist, or a service
+    account (created on first use, with no usable password, so nobody can log in as it)."""
+    users = get_user_model()
+    if username is None:
+        user, created = users.objects.get_or_create(username=service_account)
+        if created:
+            user.set_unusable_password()
+            user.save(update_fields=["password"])
+        return user
+    try:
+        return users.objects.get(username=username)
+    except users.DoesNotExist:
+        raise OperationRefused(
+            f"No user named “{username}”. Create one with `manage.py createsuperuser` or "
+            f"`manage.py demo_setup`, or leave out --clinician to use “{service_account}”."
+        ) from None

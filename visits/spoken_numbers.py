@@ -15,8 +15,9 @@ from text_to_num import alpha2digit
 
 # "100 and 42" (Whisper's rendering of "one hundred and forty-two") is one number.
 _HUNDREDS_AND = re.compile(r"\b([1-9])00 and ([1-9]\d?)\b")
-# "1 42 over 90" ("one forty-two over ninety", the usual way to say a blood pressure) is 142.
-_SPLIT_HUNDRED = re.compile(r"\b([12]) ([1-9]\d)\b(?=\s*(?:over|/))")
+# "1 42 over 90" ("one forty-two over ninety", the usual way to say a blood pressure) is 142;
+# so is "1.42 over 90", how tiny.en sometimes writes it.
+_SPLIT_HUNDRED = re.compile(r"\b([12])[ .]([1-9]\d)\b(?=\s*(?:over|/))")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 

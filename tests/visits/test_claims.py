@@ -48,6 +48,7 @@ def transcript(*lines: str) -> Transcript:
         ("one hundred and forty two over ninety", ["142", "90"]),
         ("100 and 42 over 90", ["142", "90"]),  # tiny.en's rendering of the line above
         ("one forty two over ninety", ["142", "90"]),
+        ("1.42 over 90", ["142", "90"]),  # tiny.en's other rendering of it
         ("a hundred and twenty over eighty", ["120", "80"]),
         ("temperature ninety eight point six", ["98.6"]),
         ("metformin five hundred milligrams twice a day", ["500"]),

@@ -1,11 +1,10 @@
 from pathlib import Path
 from typing import Any
 
-from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from visits.management.output import refusals_as_command_errors, status_write
-from visits.services import visit_create, visit_start
+from visits.services import service_clinician, visit_create, visit_start
 
 CLI_CLINICIAN = "pipeline-cli"
 
@@ -57,8 +56,8 @@ class Command(BaseCommand):
             path.open("rb").close()
         except OSError as exc:
             raise CommandError(f"{path}: cannot be read ({exc.strerror}).") from exc
-        owner = _clinician(clinician)
         with refusals_as_command_errors():
+            owner = service_clinician(clinician, service_account=CLI_CLINICIAN)
             visit = visit_create(
                 clinician=owner,
                 recording=path,
@@ -68,20 +67,3 @@ class Command(BaseCommand):
         visit_start(visit=visit, inline=inline)
         visit.refresh_from_db()
         status_write(self, visit, as_json=options["json"])
-
-
-def _clinician(username: str | None) -> Any:
-    users = get_user_model()
-    if username is None:
-        user, created = users.objects.get_or_create(username=CLI_CLINICIAN)
-        if created:
-            user.set_unusable_password()
-            user.save(update_fields=["password"])
-        return user
-    try:
-        return users.objects.get(username=username)
-    except users.DoesNotExist:
-        raise CommandError(
-            f"No user named “{username}”. Create one with `manage.py createsuperuser` or "
-            "`manage.py demo_setup`."
-        ) from None
