@@ -87,11 +87,21 @@ def classify_openai_error(exc: openai.OpenAIError) -> TransientError | Permanent
     return PermanentError(f"unexpected LLM client error: {exc}", code="llm_error")
 
 
+# A run whose input names a model under this key asks that one instead of LLM_MODEL (a re-run
+# under another model: `run_rerun_from(input_changes={MODEL_INPUT: ...})`).
+MODEL_INPUT = "llm_model"
+
+
 class LLMGateway:
     """Structured calls bound to one attempt: memo lookups, budget, ledger."""
 
     def __init__(self, ctx: StageContext) -> None:
         self._ctx = ctx
+
+    @property
+    def model(self) -> str:
+        """The model this run asks: its own, if its input names one, else LLM_MODEL."""
+        return str(self._ctx.input.get(MODEL_INPUT) or settings.LLM_MODEL)
 
     def complete(
         self,
@@ -117,7 +127,7 @@ class LLMGateway:
         asked for them, and the caller flags what is still doubtful."""
         if not llm_enabled():
             return self._offline(output_type, offline, messages)
-        model = settings.LLM_MODEL
+        model = self.model
         response_format = type_to_response_format_param(output_type)
         repairs_allowed = self._ctx.attempt_number
         accepted: T | None = None  # the last valid answer, doubts and all

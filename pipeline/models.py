@@ -26,6 +26,9 @@ class Run(models.Model):
         "self", null=True, blank=True, on_delete=models.PROTECT, related_name="forks"
     )
     fork_stage = models.CharField(max_length=64, blank=True)
+    # A name an operator gives a batch of runs (a model or prompt migration, say), to compare
+    # them with the runs they were forked from. Not inherited by later forks.
+    label = models.CharField(max_length=64, blank=True, db_index=True)
     error = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)

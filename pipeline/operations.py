@@ -121,19 +121,23 @@ def run_rerun_from(
     reason: str,
     inline: bool = False,
     start: bool = True,
+    input_changes: dict[str, Any] | None = None,
+    label: str = "",
 ) -> Run:
     """A new run forked from `run`: outputs before `stage_name` reused by reference, the rest
     run anew. The old run and its outputs stay as they are. With start=False the caller starts
-    the new run (after pointing its subject at it, say)."""
+    the new run (after pointing its subject at it, say). `input_changes` are merged into the
+    fork's input (another model, say); `label` names the batch it belongs to."""
     reason = _reason(reason)
     run_rerun_plan(run, stage_name)
     with transaction.atomic():
         fork = store.run_create(
             workflow=workflow_get(run.workflow),
             subject=run.subject,
-            input=run.input,
+            input={**run.input, **(input_changes or {})},
             forked_from=run,
             fork_stage=stage_name,
+            label=label,
         )
         store.audit_record(
             action=OperatorAction.RERUN,

@@ -12,6 +12,8 @@ from pathlib import Path
 from django.conf import settings
 from pydantic import BaseModel, TypeAdapter
 
+from pipeline.errors import OperationRefused
+
 logger = logging.getLogger(__name__)
 
 _MILLION = Decimal(1_000_000)
@@ -51,6 +53,19 @@ def price_for(model: str, on: date) -> Price | None:
     longest = max(len(price.model) for price in family)
     in_force = [p for p in family if len(p.model) == longest and p.effective_from <= on]
     return max(in_force, key=lambda price: price.effective_from, default=None)
+
+
+def price_required(model: str, on: date) -> Price:
+    """The price of `model` on `on`; refused if the table has none (a run must never be
+    moved to a model whose calls would be recorded at $0)."""
+    price = price_for(model, on)
+    if price is None:
+        known = ", ".join(sorted({p.model for p in price_table()}))
+        raise OperationRefused(
+            f"The price table ({settings.LLM_PRICE_TABLE}) has no price for “{model}” on {on}; "
+            f"priced models: {known}. Add its row first."
+        )
+    return price
 
 
 def cost_usd(model: str, on: date, *, input_tokens: int, output_tokens: int) -> Decimal:

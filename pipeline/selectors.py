@@ -185,6 +185,14 @@ def audit_entries_of_subject(subject: str) -> list[AuditEntry]:
     return list(AuditEntry.objects.filter(run__subject=subject).order_by("-created_at", "-id"))
 
 
+def runs_labelled(label: str) -> list[Run]:
+    """The runs an operator gave `label` (a batch re-run), oldest first, with the runs they
+    were forked from."""
+    return list(
+        Run.objects.filter(label=label).select_related("forked_from").order_by("created_at", "id")
+    )
+
+
 def run_of_subject(subject: str, run_id: int) -> Run | None:
     """One run, only if it belongs to `subject` (what a domain checks before acting on it)."""
     return Run.objects.filter(subject=subject, id=run_id).first()

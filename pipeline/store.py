@@ -88,6 +88,7 @@ def run_create(
     input: dict[str, Any],
     forked_from: Run | None = None,
     fork_stage: str = "",
+    label: str = "",
 ) -> Run:
     """Create a run and its stages. Stages before `fork_stage` reuse `forked_from`'s outputs."""
     now = timezone.now()
@@ -98,6 +99,7 @@ def run_create(
             input=input,
             forked_from=forked_from,
             fork_stage=fork_stage,
+            label=label,
         )
         reused: dict[str, Stage] = {}
         if forked_from is not None:

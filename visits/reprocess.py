@@ -10,9 +10,11 @@ from datetime import datetime
 from decimal import Decimal
 
 from django.db.models import QuerySet
+from django.utils import timezone
 
 from pipeline.errors import OperationRefused
 from pipeline.operations import run_rerun_plan, run_retry_plan
+from pipeline.prices import price_required
 from pipeline.selectors import filter_failed_at, stage_token_averages, usage_totals
 from pipeline.states import RunStatus
 from visits.models import Visit
@@ -91,10 +93,19 @@ def reprocess_plan(visits: QuerySet[Visit], *, from_stage: str | None) -> list[V
 
 
 def reprocess_execute(
-    plans: Iterable[VisitPlan], *, from_stage: str | None, reason: str, inline: bool
+    plans: Iterable[VisitPlan],
+    *,
+    from_stage: str | None,
+    reason: str,
+    inline: bool,
+    model: str | None = None,
+    label: str = "",
 ) -> ReprocessOutcome:
     """Carry out a plan as a shell operator (audited as `cli:<login>`); `plans` may be wrapped
-    in a progress bar."""
+    in a progress bar. Re-runs may ask another `model` (refused before anything runs if it
+    has no price) and carry a `label`."""
+    if model:
+        price_required(model, timezone.now().date())
     outcome = ReprocessOutcome()
     started = datetime.now().astimezone()
     touched: list[Visit] = []
@@ -105,7 +116,13 @@ def reprocess_execute(
         try:
             if from_stage:
                 visit_rerun_from(
-                    visit=plan.visit, stage=from_stage, actor=None, reason=reason, inline=inline
+                    visit=plan.visit,
+                    stage=from_stage,
+                    actor=None,
+                    reason=reason,
+                    inline=inline,
+                    model=model,
+                    label=label,
                 )
             else:
                 visit_retry(visit=plan.visit, actor=None, reason=reason, inline=inline)

@@ -14,9 +14,11 @@ from django.core.files import File
 from django.core.files.uploadedfile import UploadedFile
 from django.db import transaction
 from django.template.defaultfilters import filesizeformat
+from django.utils import timezone
 
 from pipeline import dispatch, executor, store
 from pipeline.errors import OperationRefused
+from pipeline.llm import MODEL_INPUT
 from pipeline.operations import (
     Operator,
     run_cancel,
@@ -24,6 +26,7 @@ from pipeline.operations import (
     run_retry_failed,
     run_skip_backoff,
 )
+from pipeline.prices import price_required
 from pipeline.selectors import run_of_subject, runs_of_subject
 from pipeline.states import RunStatus
 from visits.delivery import NOTE_DELIVERY_WORKFLOW
@@ -188,10 +191,15 @@ def visit_rerun_from(
     actor: User | AnonymousUser | None,
     reason: str,
     inline: bool = False,
+    model: str | None = None,
+    label: str = "",
 ) -> None:
     """A new run from `stage`; it becomes the visit's current run, the old one stays readable
-    (its note is an earlier version)."""
+    (its note is an earlier version; a signed one is never touched). With `model` the new run
+    asks that LLM (which must be priced); `label` names the batch, for `compare`."""
     operator = _operator(actor)
+    if model:
+        price_required(model, timezone.now().date())
     with transaction.atomic():
         fork = run_rerun_from(
             run=_current_run(visit),
@@ -199,6 +207,8 @@ def visit_rerun_from(
             operator=operator,
             reason=reason,
             start=False,
+            input_changes={MODEL_INPUT: model} if model else None,
+            label=label,
         )
         visit.current_run = fork
         visit.save(update_fields=["current_run"])

@@ -107,8 +107,8 @@ def transcribe(ctx: StageContext) -> TranscribeOutput:
     )
 
 
-def _engine_label() -> str:
-    return settings.LLM_MODEL if llm_enabled() else offline.ENGINE_LABEL
+def _engine_label(ctx: StageContext) -> str:
+    return ctx.llm.model if llm_enabled() else offline.ENGINE_LABEL
 
 
 DocumentT = TypeVar("DocumentT", ClinicalSummary, PostVisitNote)
@@ -146,7 +146,7 @@ def summarize(ctx: StageContext) -> SummarizeOutput:
         offline_draft=lambda: offline.summarize(transcript),
         doubts=claims.summary_unsupported,
     )
-    return SummarizeOutput(engine=_engine_label(), summary=summary, unsupported=unsupported)
+    return SummarizeOutput(engine=_engine_label(ctx), summary=summary, unsupported=unsupported)
 
 
 def note(ctx: StageContext) -> NoteOutput:
@@ -161,7 +161,7 @@ def note(ctx: StageContext) -> NoteOutput:
         offline_draft=lambda: offline.write_note(summary),
         doubts=claims.note_unsupported,
     )
-    return NoteOutput(engine=_engine_label(), note=result, unsupported=unsupported)
+    return NoteOutput(engine=_engine_label(ctx), note=result, unsupported=unsupported)
 
 
 # Provider outages come in minutes, so the LLM stages are patient: six attempts, backing off

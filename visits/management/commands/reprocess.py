@@ -7,6 +7,7 @@ from django.utils import timezone
 from tqdm import tqdm
 
 from pipeline.states import RunStatus
+from visits.management.output import refusals_as_command_errors
 from visits.reprocess import (
     VisitPlan,
     reprocess_execute,
@@ -50,6 +51,19 @@ class Command(BaseCommand):
             help="Fork a new run from this stage instead of retrying the failed one.",
         )
         parser.add_argument(
+            "--model",
+            metavar="NAME",
+            help="With --from-stage: the new runs ask this LLM (it must be in the price "
+            "table) instead of LLM_MODEL; a model migration, measured with `compare`.",
+        )
+        parser.add_argument(
+            "--label",
+            metavar="L",
+            default="",
+            help="With --from-stage: name this batch of runs, to compare it later "
+            "(`manage.py compare --label L`).",
+        )
+        parser.add_argument(
             "--dry-run",
             action="store_true",
             help="Print the plan (visits, stages to run, outputs reused, estimated tokens) "
@@ -72,6 +86,13 @@ class Command(BaseCommand):
                 "Choose the visits: --visit ID, --status, --stage or --since (reprocessing "
                 "every visit is never a default)."
             )
+        if (options["model"] or options["label"]) and not options["from_stage"]:
+            raise CommandError(
+                "--model and --label make new runs: give --from-stage (e.g. --from-stage "
+                "summarize) as well."
+            )
+        if len(options["label"]) > 64:
+            raise CommandError("--label is at most 64 characters.")
         since = _parse_since(options["since"]) if options["since"] else None
         visits = visits_for_reprocess(
             visit_ids=options["visits"],
@@ -88,12 +109,15 @@ class Command(BaseCommand):
             return
         # On a terminal, a progress bar on stderr; nothing when the output is piped or logged.
         progress = tqdm(plans, unit="visit", file=sys.stderr, disable=not self.stdout.isatty())
-        outcome = reprocess_execute(
-            progress,
-            from_stage=options["from_stage"],
-            reason=options["reason"],
-            inline=options["inline"],
-        )
+        with refusals_as_command_errors():
+            outcome = reprocess_execute(
+                progress,
+                from_stage=options["from_stage"],
+                reason=options["reason"],
+                inline=options["inline"],
+                model=options["model"],
+                label=options["label"],
+            )
         for line in outcome.refused:
             self.stdout.write(self.style.WARNING(f"skipped {line}"))
         self.stdout.write(
