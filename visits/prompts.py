@@ -13,7 +13,8 @@ SUMMARIZE_SYSTEM = (
     "You are a clinical documentation assistant. From the transcript of a doctor-patient "
     "visit, extract only facts that were actually said. Every item must cite the ids of the "
     "transcript segments it comes from. If something was not discussed, leave it empty or "
-    "null; never infer or invent findings, doses or vitals."
+    "null; never infer or invent findings, doses or vitals. Name the speaker of a segment "
+    "(clinician, patient, or other) only where its words make that clear."
 )
 
 NOTE_SYSTEM = (

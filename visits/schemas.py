@@ -55,6 +55,19 @@ class Vital(_Evidenced):
     value: str = Field(min_length=1, description="as stated, e.g. '150/95 mmHg'")
 
 
+Speaker = Literal["clinician", "patient", "other"]
+
+
+class SpeakerTurn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    segment_id: int
+    speaker: Speaker = Field(
+        description="who says this segment, judged from what is said: the clinician, the "
+        "patient, or another person (a parent, an interpreter)"
+    )
+
+
 class ClinicalSummary(BaseModel):
     """Structured facts of the visit, each tied to its evidence. Empty lists, never guesses."""
 
@@ -67,6 +80,16 @@ class ClinicalSummary(BaseModel):
     vitals: list[Vital]
     assessment: list[Finding]
     plan: list[Finding]
+    # Only for segments whose speaker the words make clear; the rest stay unknown.
+    speakers: list[SpeakerTurn] = Field(
+        default_factory=list,
+        description="the speaker of each segment whose words make it clear; leave out a "
+        "segment whose speaker you cannot tell",
+    )
+
+    def speaker_of(self, segment_id: int) -> str:
+        """Who says a segment, or "unknown" when nobody could tell."""
+        return next((t.speaker for t in self.speakers if t.segment_id == segment_id), "unknown")
 
 
 class SOAPNote(BaseModel):
@@ -274,8 +297,12 @@ def cited_ids(document: BaseModel) -> set[int]:
 
 
 def evidence_check(document: BaseModel, transcript: Transcript) -> None:
-    """Refuse a document that cites segments the transcript does not have."""
-    unknown = cited_ids(document) - {segment.id for segment in transcript.segments}
+    """Refuse a document that cites (or names the speaker of) segments the transcript does
+    not have."""
+    named = cited_ids(document)
+    if isinstance(document, ClinicalSummary):
+        named |= {turn.segment_id for turn in document.speakers}
+    unknown = named - {segment.id for segment in transcript.segments}
     if unknown:
         raise ValueError(
             f"it cites transcript segment ids {sorted(unknown)} that do not exist "

@@ -151,9 +151,15 @@ class UsageDoc(BaseModel):
     audio_seconds: float
 
 
+class SegmentDoc(Segment):
+    # "clinician", "patient", "other" where the model could tell from the words; "unknown"
+    # otherwise (always, with the offline engine: it does not guess).
+    speaker: str = "unknown"
+
+
 class TranscriptDoc(BaseModel):
     text: str
-    segments: list[Segment]
+    segments: list[SegmentDoc]
 
 
 class DeliveryDoc(BaseModel):
@@ -299,7 +305,18 @@ def visit_status_document(
         ],
         usage=visit_usage(visit),
         transcript=(
-            TranscriptDoc(text=transcript.text, segments=transcript.segments)
+            TranscriptDoc(
+                text=transcript.text,
+                segments=[
+                    SegmentDoc(
+                        **segment.model_dump(),
+                        speaker=summarized.summary.speaker_of(segment.id)
+                        if summarized
+                        else "unknown",
+                    )
+                    for segment in transcript.segments
+                ],
+            )
             if transcript
             else None
         ),

@@ -74,8 +74,8 @@ def request_digest(body: Mapping[str, Any]) -> str:
 def default_content(body: Mapping[str, Any]) -> str:
     """The fake's answer: the simplest instance of a ``json_schema`` response format, else "ok".
 
-    Every property is filled, every list has one item, strings are "stub" and numbers 0, so every
-    statement cites transcript segment 0, which every transcript has."""
+    Every property is filled, every list has one item, strings are "stub" (a choice, its first)
+    and numbers 0, so every statement cites transcript segment 0, which every transcript has."""
     response_format = body.get("response_format") or {}
     if response_format.get("type") != "json_schema":
         return "ok"
@@ -89,6 +89,8 @@ def _instance(schema: Mapping[str, Any], defs: Mapping[str, Any]) -> Any:
         return _instance(defs[schema["$ref"].rsplit("/", 1)[1]], defs)
     if "anyOf" in schema:  # pydantic puts the null branch of `X | None` last
         return _instance(schema["anyOf"][0], defs)
+    if "enum" in schema:  # a Literal: its first choice
+        return schema["enum"][0]
     kind: str = schema.get("type", "")
     if kind == "object":
         return {name: _instance(prop, defs) for name, prop in schema["properties"].items()}
