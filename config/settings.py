@@ -49,6 +49,7 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    "config.session_policy.SessionPolicyMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -128,6 +129,11 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "visits:list"
 LOGOUT_REDIRECT_URL = "login"
 
+# A signed-in session ends after this long without activity (a page polling itself is not
+# activity), and in any case this long after sign-in (config/session_policy.py).
+SESSION_IDLE_MINUTES = env_int("SESSION_IDLE_MINUTES", 15)
+SESSION_ABSOLUTE_HOURS = env_int("SESSION_ABSOLUTE_HOURS", 12)
+SESSION_COOKIE_AGE = SESSION_ABSOLUTE_HOURS * 3600
 SESSION_COOKIE_HTTPONLY = True
 CSRF_COOKIE_HTTPONLY = True
 SECURE_CONTENT_TYPE_NOSNIFF = True

@@ -6,6 +6,7 @@ class VisitsConfig(AppConfig):
     verbose_name = "Visits"
 
     def ready(self) -> None:
+        import config.session_policy  # noqa: F401  (its sign-in receiver starts the clock)
         from pipeline.workflow import workflow_register
         from visits.delivery import NOTE_DELIVERY_WORKFLOW
         from visits.stages import VISIT_WORKFLOW

@@ -24,6 +24,7 @@ from django.views.decorators.http import (
 )
 from django_htmx.http import HttpResponseClientRedirect
 
+from config.session_policy import session_passive
 from pipeline.errors import PipelineError
 from pipeline.states import FINAL_RUN_STATUSES
 from visits.browser_recordings import (
@@ -81,6 +82,7 @@ def visit_list(request: AuthenticatedHttpRequest) -> HttpResponse:
     return render(request, "visits/list.html", _list_context(request))
 
 
+@session_passive
 @login_required
 @require_GET
 def visit_list_rows(request: AuthenticatedHttpRequest) -> HttpResponse:
@@ -188,6 +190,7 @@ def visit_detail(request: AuthenticatedHttpRequest, visit_id: int) -> HttpRespon
     return render(request, "visits/detail.html", _visit_context(request, visit_id))
 
 
+@session_passive
 @login_required
 @require_GET
 def visit_live(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
