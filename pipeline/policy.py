@@ -9,6 +9,7 @@ The shape of `RetryPolicy` is the one Temporal made familiar.
 from __future__ import annotations
 
 import random
+import re
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -116,11 +117,21 @@ def retry_after_seconds(header: str | None) -> float | None:
         return None
 
 
+# pydantic quotes the value it refused ("input_value='...'"): in a stage that is a piece of
+# a transcript or a model's answer, which must not be copied into stored errors.
+_INPUT_VALUE = re.compile(r"input_value=.*?(?=, input_type=)", re.S)
+
+
+def scrubbed(text: str) -> str:
+    """`text` without the input values validation errors quote (their type stays)."""
+    return _INPUT_VALUE.sub("input_value=<withheld>", text)
+
+
 def failure_from_exception(exc: BaseException, policy: RetryPolicy) -> Failure:
     return Failure(
         code=error_code(exc)[:64],
-        message=str(exc) or type(exc).__name__,
-        traceback="".join(traceback.format_exception(exc)),
+        message=scrubbed(str(exc)) or type(exc).__name__,
+        traceback=scrubbed("".join(traceback.format_exception(exc))),
         retryable=is_retryable(exc, policy),
         retry_after_seconds=exc.retry_after_seconds if isinstance(exc, TransientError) else None,
     )

@@ -8,6 +8,7 @@ import random
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from pipeline.errors import (
     AttemptTimedOut,
@@ -144,3 +145,20 @@ def test_worst_case_covers_every_attempt_and_the_waits_between():
 def test_a_nonsensical_policy_is_refused_where_it_is_declared(field, value, message):
     with pytest.raises(ValueError, match=message):
         RetryPolicy(**{field: value})
+
+
+def test_a_stored_failure_never_quotes_the_value_validation_refused():
+    class Dose(BaseModel):
+        milligrams: int
+        route: str
+
+    try:
+        Dose.model_validate(
+            {"milligrams": "the patient, Ada, takes warfarin", "route": ["oral", 1]}
+        )
+    except ValidationError as exc:
+        failure = failure_from_exception(exc, RetryPolicy())
+    assert "warfarin" not in failure.message and "warfarin" not in failure.traceback
+    assert "oral" not in failure.message
+    assert "input_value=<withheld>, input_type=str" in failure.message
+    assert "int_parsing" in failure.message  # the error's type stays
