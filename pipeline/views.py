@@ -8,11 +8,13 @@ from typing import Any
 
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
 from django.shortcuts import render
+from django.views.decorators.http import require_safe
 
 from pipeline import charts
 from pipeline.dashboard import DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS, Dashboard, dashboard_get
+from pipeline.health import readiness
 
 WINDOW_CHOICES = (1, 7, 30, 90)
 
@@ -90,3 +92,16 @@ def _charts(board: Dashboard) -> dict[str, str]:
             height=200,
         ),
     }
+
+
+@require_safe
+def healthz(request: HttpRequest) -> HttpResponse:
+    """The process answers (for a liveness probe)."""
+    return HttpResponse("ok\n", content_type="text/plain")
+
+
+@require_safe
+def readyz(request: HttpRequest) -> HttpResponse:
+    """Database, migrations, broker and a worker cluster (for a readiness probe); 503 if not."""
+    ready = readiness()
+    return JsonResponse(ready.model_dump(), status=200 if ready.ready else 503)
