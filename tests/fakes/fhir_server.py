@@ -15,16 +15,15 @@ import contextlib
 import copy
 import json
 import secrets
-import socket
-import sys
 import threading
 from collections import deque
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import SplitResult, parse_qs, urlsplit
+
+from tests.fakes.loopback import LoopbackHandler, LoopbackServer
 
 FHIR_JSON = "application/fhir+json"
 BASE_PATH = "/fhir"
@@ -78,45 +77,7 @@ def outcome(
     return status, {"resourceType": "OperationOutcome", "issue": [issue]}, headers or {}
 
 
-class _Server(ThreadingHTTPServer):
-    # Neither exiting the process nor stopping the server waits for a held request.
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, fake: FakeFhirServer, port: int) -> None:
-        self.fake = fake
-        # Stopping closes kept-alive connections, so no handler outlives the server.
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-        super().__init__(("127.0.0.1", port), _Handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients that gave up (timeouts) reset connections: expected here.
-        if not isinstance(sys.exc_info()[1], OSError):
-            super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out in two writes: without this, Nagle adds 40 ms per answer.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self.server.connections_lock:
-            self.server.connections.add(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            with self.server.connections_lock:
-                self.server.connections.discard(self.connection)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # keep test output clean
-
+class _Handler(LoopbackHandler):
     def do_GET(self) -> None:
         self.server.fake._handle(self, b"")
 
@@ -133,11 +94,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
-
-    def drop_connection(self) -> None:
-        self.close_connection = True
-        with contextlib.suppress(OSError):
-            self.connection.shutdown(socket.SHUT_RDWR)
 
 
 class FakeFhirServer:
@@ -156,15 +112,15 @@ class FakeFhirServer:
         self._requests: list[RecordedRequest] = []
         self._stored: list[dict[str, Any]] = []
         self._stopping = threading.Event()
-        self._httpd: _Server | None = None
+        self._httpd: LoopbackServer | None = None
         self._port = 0  # ephemeral at first; a restart binds the same port again
 
     def start(self) -> Self:
         """Serve (again, on the same port and with the same store, after ``stop``)."""
         self._stopping.clear()
-        self._httpd = _Server(self, self._port)
+        self._httpd = LoopbackServer(self, _Handler, self._port)
         self._port = self._httpd.server_address[1]
-        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
+        self._httpd.serve_in_background()
         return self
 
     def stop(self) -> None:
@@ -172,13 +128,7 @@ class FakeFhirServer:
         if self._httpd is None:
             return
         self._stopping.set()
-        self._httpd.shutdown()
-        with self._httpd.connections_lock:
-            connections = list(self._httpd.connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        self._httpd.server_close()
+        self._httpd.stop()
         self._httpd = None
 
     def __enter__(self) -> Self:

@@ -9,21 +9,19 @@ and that an answered question was never paid for twice (``answered_sent_again``)
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import random
-import socket
-import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import TracebackType
 from typing import Any, Self
+
+from tests.fakes.loopback import LoopbackHandler, LoopbackServer
 
 # fault -> (status, error type, error code, message), shaped like the real API's errors because
 # the product's error messages quote them.
@@ -103,47 +101,7 @@ def _tokens(text: str) -> int:
     return max(1, math.ceil(len(text) / 4))  # roughly what a tokenizer gives for English
 
 
-class _Server(ThreadingHTTPServer):
-    # Neither exiting the process nor stopping the server waits for a held ("timeout") request.
-    daemon_threads = True
-    block_on_close = False
-
-    def __init__(self, fake: FakeLLMServer) -> None:
-        self.fake = fake
-        # The SDK keeps connections alive; stopping closes them so that no handler thread outlives
-        # the server and answers a pooled connection on behalf of a stopped fake.
-        self.connections: set[socket.socket] = set()
-        self.connections_lock = threading.Lock()
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # Clients that gave up (timeouts, killed workers) reset connections: expected here.
-        if not isinstance(sys.exc_info()[1], OSError):
-            super().handle_error(request, client_address)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as the SDK expects of the real API
-    server: _Server
-
-    def setup(self) -> None:
-        super().setup()
-        # Headers and body go out in two writes; without this, Nagle's algorithm and delayed
-        # ACKs add 40 ms to every answer.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        with self.server.connections_lock:
-            self.server.connections.add(self.connection)
-
-    def finish(self) -> None:
-        try:
-            super().finish()
-        finally:
-            with self.server.connections_lock:
-                self.server.connections.discard(self.connection)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass  # keep test output clean
-
+class _Handler(LoopbackHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if self.path == "/v1/chat/completions":
@@ -162,11 +120,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
-
-    def drop_connection(self) -> None:
-        self.close_connection = True
-        with contextlib.suppress(OSError):
-            self.connection.shutdown(socket.SHUT_RDWR)
 
 
 class FakeLLMServer:
@@ -187,11 +140,11 @@ class FakeLLMServer:
         self._script: deque[str] = deque()
         self._rates: dict[str, float] = {}
         self._requests: list[RecordedRequest] = []
-        self._httpd: _Server | None = None
+        self._httpd: LoopbackServer | None = None
 
     def __enter__(self) -> Self:
-        self._httpd = _Server(self)
-        threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True).start()
+        self._httpd = LoopbackServer(self, _Handler)
+        self._httpd.serve_in_background()
         return self
 
     def __exit__(
@@ -201,13 +154,7 @@ class FakeLLMServer:
         tb: TracebackType | None,
     ) -> None:
         assert self._httpd is not None
-        self._httpd.shutdown()
-        with self._httpd.connections_lock:
-            connections = list(self._httpd.connections)
-        for connection in connections:
-            with contextlib.suppress(OSError):
-                connection.shutdown(socket.SHUT_RDWR)
-        self._httpd.server_close()
+        self._httpd.stop()
         self._httpd = None
 
     @property
