@@ -87,9 +87,9 @@ class ClinicalSummary(BaseModel):
         "segment whose speaker you cannot tell",
     )
 
-    def speaker_of(self, segment_id: int) -> str:
-        """Who says a segment, or "unknown" when nobody could tell."""
-        return next((t.speaker for t in self.speakers if t.segment_id == segment_id), "unknown")
+    def speakers_by_segment(self) -> dict[int, str]:
+        """Who says each segment the model could place; a segment missing is "unknown"."""
+        return {turn.segment_id: turn.speaker for turn in self.speakers}
 
 
 class SOAPNote(BaseModel):

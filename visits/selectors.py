@@ -286,6 +286,8 @@ def visit_status_document(
     summarized = output_of(stages, "summarize", SummarizeOutput)
     noted = output_of(stages, "note", NoteOutput)
     latest: NoteOutput | SummarizeOutput | None = noted or summarized
+    # One lookup per segment: this document is rebuilt on every poll of the visit page.
+    speakers = summarized.summary.speakers_by_segment() if summarized else {}
     return VisitStatus(
         visit=visit.pk,
         patient_ref=visit.patient_ref,
@@ -308,12 +310,7 @@ def visit_status_document(
             TranscriptDoc(
                 text=transcript.text,
                 segments=[
-                    SegmentDoc(
-                        **segment.model_dump(),
-                        speaker=summarized.summary.speaker_of(segment.id)
-                        if summarized
-                        else "unknown",
-                    )
+                    SegmentDoc(**segment.model_dump(), speaker=speakers.get(segment.id, "unknown"))
                     for segment in transcript.segments
                 ],
             )
