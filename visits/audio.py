@@ -4,6 +4,8 @@ whole in memory."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -18,6 +20,38 @@ SAMPLE_RATE = 16_000
 # A file that decodes to less than this share of the length its header declares was cut short.
 _TRUNCATION_TOLERANCE = 0.9
 
+# An upload is untrusted: FFmpeg must read it with a demuxer for one of the formats we accept
+# (the names FFmpeg gives them), never guess another. Playlists (hls), concat scripts, DASH
+# manifests and image sequences open further files or URLs, so a crafted upload could read
+# another visit's recording or make the server fetch from the network. None of the accepted
+# demuxers follows references; mov's external data references (drefs) stay off, FFmpeg's default.
+ACCEPTED_DEMUXERS = (
+    "wav",
+    "mp3",
+    "mov,mp4,m4a,3gp,3g2,mj2",  # .m4a, .mp4
+    "aac",  # raw ADTS .aac
+    "ogg",  # .ogg, .oga, .opus
+    "flac",
+    "matroska,webm",  # .webm
+)
+# Only the upload itself, a local file: no network or other protocol, whatever a demuxer asks.
+_OPEN_OPTIONS = {
+    "format_whitelist": ",".join(ACCEPTED_DEMUXERS),
+    "protocol_whitelist": "file",
+}
+# A visit recording has one audio track, perhaps a video or cover image and a few tracks more;
+# every extra stream is demuxed and buffered, so a file with hundreds costs memory for nothing.
+MAX_STREAMS = 8
+# Everything is mixed down to mono 16 kHz: more channels or a higher rate than any recorder
+# makes (7.1 surround, 192 kHz studio audio) adds no information, only decoding and resampling
+# work per second of audio that the length limit does not see.
+MAX_CHANNELS = 8
+MAX_SAMPLE_RATE_HZ = 192_000
+# The stage's lease is renewed in the background; asking this often whether the attempt still
+# owns the stage stops a long decode soon after a lost lease or a passed deadline, without a
+# database write per frame.
+HEARTBEAT_INTERVAL_SECONDS = 2.0
+
 
 @dataclass(frozen=True)
 class DecodedRecording:
@@ -26,13 +60,27 @@ class DecodedRecording:
     declared_seconds: float | None
 
 
-def recording_normalize(source: Path, dest: IO[bytes], *, max_seconds: float) -> DecodedRecording:
+def recording_normalize(
+    source: Path,
+    dest: IO[bytes],
+    *,
+    max_seconds: float,
+    heartbeat: Callable[[], None] | None = None,
+) -> DecodedRecording:
     """Decode `source` into `dest` as 16 kHz mono s16le; raise a permanent error for any file
-    that is not a whole, playable, non-empty recording within the length limit."""
+    that is not a whole, playable, non-empty recording within the limits. `heartbeat` is called
+    at most every `HEARTBEAT_INTERVAL_SECONDS` while decoding; what it raises stops the decode."""
     if source.stat().st_size == 0:
         raise EmptyRecording("The file is empty (0 bytes). Check the recorder and upload again.")
     try:
-        container = av.open(str(source), mode="r")
+        container = av.open(str(source), mode="r", container_options=_OPEN_OPTIONS)
+    except av.ArgumentError as exc:
+        # FFmpeg's answer when the file is of a kind outside the allow-lists.
+        raise UnreadableRecording(
+            "The file could not be read as audio: it is not a recording in an accepted format "
+            "(playlists and files that refer to other files are refused). "
+            f"Upload a {SUPPORTED_FORMATS} recording."
+        ) from exc
     except (av.FFmpegError, UnicodeDecodeError, ValueError) as exc:
         raise UnreadableRecording(
             "The file could not be read as audio "
@@ -43,15 +91,27 @@ def recording_normalize(source: Path, dest: IO[bytes], *, max_seconds: float) ->
             raise UnreadableRecording(
                 f"The file has no audio track. Upload a {SUPPORTED_FORMATS} recording."
             )
+        if len(container.streams) > MAX_STREAMS:
+            raise UnreadableRecording(
+                f"The file holds {len(container.streams)} tracks; a recording may have at most "
+                f"{MAX_STREAMS}. Export it with a single audio track and upload again."
+            )
         stream = container.streams.audio[0]
+        _check_channels_and_rate(stream.channels, stream.sample_rate)
         declared = _declared_seconds(container, stream)
         if declared is not None and declared > max_seconds:
             raise RecordingTooLong(_too_long_message(declared, max_seconds))
         max_samples = int(max_seconds * SAMPLE_RATE)
         resampler = av.AudioResampler(format="s16", layout="mono", rate=SAMPLE_RATE)
         samples = 0
+        next_beat = time.monotonic() + HEARTBEAT_INTERVAL_SECONDS
         try:
             for frame in container.decode(stream):
+                if heartbeat is not None and time.monotonic() >= next_beat:
+                    heartbeat()
+                    next_beat = time.monotonic() + HEARTBEAT_INTERVAL_SECONDS
+                # The header may understate what the frames hold.
+                _check_channels_and_rate(frame.layout.nb_channels, frame.sample_rate)
                 for out in resampler.resample(frame):
                     samples += _write(out, dest)
                 if samples > max_samples:
@@ -75,6 +135,19 @@ def recording_normalize(source: Path, dest: IO[bytes], *, max_seconds: float) ->
             f"{duration:.1f} s could be decoded. Upload the complete file again."
         )
     return DecodedRecording(duration_seconds=duration, source_format=fmt, declared_seconds=declared)
+
+
+def _check_channels_and_rate(channels: int, sample_rate: int) -> None:
+    if channels > MAX_CHANNELS:
+        raise UnreadableRecording(
+            f"The recording has {channels} audio channels; the limit is {MAX_CHANNELS}. "
+            "Export it as mono or stereo and upload again."
+        )
+    if sample_rate > MAX_SAMPLE_RATE_HZ:
+        raise UnreadableRecording(
+            f"The recording's sample rate is {sample_rate:,} Hz; the limit is "
+            f"{MAX_SAMPLE_RATE_HZ:,} Hz. Export it at 48,000 Hz and upload again."
+        )
 
 
 def _write(frame: av.AudioFrame, dest: IO[bytes]) -> int:

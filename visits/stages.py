@@ -44,7 +44,9 @@ def ingest(ctx: StageContext) -> IngestOutput:
     """Decode the uploaded recording into 16 kHz mono PCM."""
     source = artifact_path(ctx.input["recording"])
     with ctx.artifact_writer("audio.s16le") as pcm:
-        decoded = audio.recording_normalize(source, pcm, max_seconds=settings.RECORDING_MAX_SECONDS)
+        decoded = audio.recording_normalize(
+            source, pcm, max_seconds=settings.RECORDING_MAX_SECONDS, heartbeat=ctx.heartbeat
+        )
     return IngestOutput(
         audio=ctx.artifact_ref("audio.s16le"),
         sample_rate=audio.SAMPLE_RATE,
