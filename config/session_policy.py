@@ -6,6 +6,8 @@ that refreshes itself is not activity: views marked `@session_passive` (the live
 htmx polls) neither extend the session nor keep it alive, so a visit page left open on a
 shared screen still signs its user out. Every response to a signed-in user is sent with
 `Cache-Control: private, no-store`, so no PHI page stays in a browser's or a proxy's cache.
+Too many wrong passwords pause signing in (django-axes, configured in settings); `locked_out`
+is the page that says so.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from django.contrib.auth import logout
 from django.contrib.auth.signals import user_logged_in
 from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import render
 from django.urls import reverse
 from django.utils.cache import patch_cache_control
 from django_htmx.http import HttpResponseClientRedirect
@@ -85,9 +88,22 @@ def _signed_out(request: HttpRequest, why: str) -> HttpResponse:
         current = urlsplit(request.headers.get("HX-Current-URL", ""))
         back = current.path + (f"?{current.query}" if current.query else "")
         back = back or reverse(settings.LOGIN_REDIRECT_URL)
+    request.signed_out_why = why  # type: ignore[attr-defined]  # the audit trail says why
     logout(request)
     messages.info(request, f"You were signed out {why}. Sign in again to go on.")
     target = f"{reverse(settings.LOGIN_URL)}?{urlencode({'next': back})}"
     if request.headers.get("HX-Request"):
         return HttpResponseClientRedirect(target)
     return HttpResponseRedirect(target)
+
+
+def locked_out(
+    request: HttpRequest, credentials: dict[str, Any] | None, *args: Any
+) -> HttpResponse:
+    """What a locked-out sign-in is told (django-axes' AXES_LOCKOUT_CALLABLE): why, and for
+    how long, in minutes rather than axes' own "0:15:00"."""
+    context = {
+        "failure_limit": settings.AXES_FAILURE_LIMIT,
+        "minutes": int(settings.AXES_COOLOFF_TIME.total_seconds() // 60),
+    }
+    return render(request, "registration/locked_out.html", context, status=429)

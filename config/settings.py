@@ -6,6 +6,7 @@ the offline LLM engine. Production sets DJANGO_DEBUG=0, DJANGO_SECRET_KEY, DJANG
 and DATABASE_URL (PostgreSQL), and OPENAI_API_KEY for a real model.
 """
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,14 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "django_htmx",
     "django_q",
+    "axes",
     "pipeline",
     "visits",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "visits.audit.AuditOriginMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -50,6 +53,8 @@ MIDDLEWARE = [
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     "config.session_policy.SessionPolicyMiddleware",
+    # Last, as django-axes asks: it turns a locked-out sign-in into the lockout page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "config.urls"
@@ -128,6 +133,20 @@ FILE_UPLOAD_DIRECTORY_PERMISSIONS = 0o700
 LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "visits:list"
 LOGOUT_REDIRECT_URL = "login"
+
+# Sign-in throttling (django-axes): after AXES_FAILURE_LIMIT wrong passwords for one username
+# from one address, that pair is locked out for AXES_COOLOFF_MINUTES, and the lockout is in
+# the audit trail. The pair, not the username alone, so that nobody can lock a clinician out
+# from everywhere by guessing at their name; a success clears the count.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env_int("AXES_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = timedelta(minutes=env_int("AXES_COOLOFF_MINUTES", 15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_LOCKOUT_CALLABLE = "config.session_policy.locked_out"
 
 # A signed-in session ends after this long without activity (a page polling itself is not
 # activity), and in any case this long after sign-in (config/session_policy.py).

@@ -26,7 +26,14 @@ from pipeline.selectors import (
     with_failed_stage,
 )
 from pipeline.states import FailureKind
-from visits.models import ClinicianVocabulary, Visit
+from visits.audit import (
+    AUDIT_PERMISSION,
+    CSV_COLUMNS,
+    Action,
+    audit_csv_write,
+    audit_record,
+)
+from visits.models import AccessEvent, ClinicianVocabulary, Visit
 from visits.services import (
     REPROCESS_PERMISSION,
     visit_cancel,
@@ -326,6 +333,9 @@ class VisitAdmin(admin.ModelAdmin):
         obj: Visit | None = None,
     ) -> HttpResponse:
         if obj is not None and obj.pk is not None:
+            if request.method == "GET":
+                # The page shows the pipeline's outputs (transcript, note): a look at PHI.
+                audit_record(Action.VIEW_ADMIN, user=request.user, visit=obj)
             context["pipeline_runs"] = visit_pipeline(obj)
             if self.has_reprocess_permission(request):
                 context["operations"] = [
@@ -414,3 +424,45 @@ class ClinicianVocabularyAdmin(admin.ModelAdmin):
     @admin.display(description="prompt the transcription is given")
     def prompt_preview(self, vocabulary: ClinicianVocabulary) -> str:
         return vocabulary_prompt(vocabulary.specialty, vocabulary.word_list()) or "—"
+
+
+@admin.register(AccessEvent)
+class AccessEventAdmin(admin.ModelAdmin):
+    """The audit trail, for a privacy officer (`visits.view_audit`): filter by user, visit,
+    action, outcome and date; export what is selected (or every match) as CSV. Nobody can add,
+    change or delete a row here (and on PostgreSQL not even in SQL)."""
+
+    # The CSV's columns, less the two that are long or only an id.
+    list_display = [c for c in CSV_COLUMNS if c not in ("actor_id", "user_agent")]
+    list_filter = ["action", "outcome", "created_at", ("actor", admin.RelatedOnlyFieldListFilter)]
+    date_hierarchy = "created_at"
+    # "=visit__id": who looked at visit N is a search for N.
+    search_fields = ["=visit__id", "actor_label", "os_user", "ip"]
+    list_select_related = ["actor"]
+    list_per_page = 200
+    actions = ["export_csv"]
+
+    def has_module_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(AUDIT_PERMISSION)
+
+    def has_view_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm(AUDIT_PERMISSION)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_view_audit_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(AUDIT_PERMISSION)
+
+    @admin.action(description="Export as CSV", permissions=["view_audit"])
+    def export_csv(self, request: HttpRequest, queryset: QuerySet[AccessEvent]) -> HttpResponse:
+        response = HttpResponse(content_type="text/csv; charset=utf-8")
+        response["Content-Disposition"] = 'attachment; filename="audit-trail.csv"'
+        audit_csv_write(queryset.order_by("created_at", "id"), response)
+        return response

@@ -178,34 +178,71 @@ class NoteVersion(models.Model):
 
 
 class AccessEvent(models.Model):
-    """Who took a visit's PHI out of the application (a FHIR export, a printed summary), when,
-    from where, and whether it was allowed. Written once, never changed."""
+    """The audit trail (HIPAA 164.312(b); the fields of ASTM E2147): who viewed, took out or
+    changed a visit's PHI, who signed in, out or was refused; when, from where, on behalf of
+    whom, why, and whether it was allowed.
+
+    Append-only: written once by `visits.audit`, never changed. The admin offers no change or
+    delete, and on PostgreSQL a trigger (migration 0007) refuses UPDATE and DELETE."""
 
     class Action(models.TextChoices):
+        VIEW_VISIT = "view_visit", "viewed the visit"
+        VIEW_NOTE = "view_note", "viewed a version of the note"
+        VIEW_HISTORY = "view_history", "viewed the visit's history"
+        VIEW_ADMIN = "view_admin", "viewed the visit in the admin"
+        VIEW_STATUS = "view_status", "printed the visit's status (command line)"
+        PLAY_RECORDING = "play_recording", "played or downloaded the recording"
         EXPORT_FHIR = "export_fhir", "exported the note as FHIR"
         PRINT_SUMMARY = "print_summary", "opened the after-visit summary to print"
+        EDIT_NOTE = "edit_note", "saved a version of the note"
+        AMEND_NOTE = "amend_note", "amended the signed note"
+        SIGN_NOTE = "sign_note", "signed the note"
+        CHANGE_REFS = "change_refs", "changed the EHR references"
+        RETRY = "retry", "retried the failed stage"
+        RUN_NOW = "run_now", "ran the waiting stage now"
+        RERUN = "rerun", "re-ran the pipeline from a stage"
+        CANCEL = "cancel", "cancelled the run"
+        RETRY_DELIVERY = "retry_delivery", "retried the delivery to the EHR"
+        LOGIN = "login", "signed in"
+        LOGIN_FAILED = "login_failed", "failed to sign in"
+        LOGOUT = "logout", "signed out"
+        LOCKOUT = "lockout", "was locked out after failed sign-ins"
 
     class Outcome(models.TextChoices):
         ALLOWED = "allowed", "allowed"
         REFUSED = "refused", "refused"
 
-    visit = models.ForeignKey(Visit, on_delete=models.PROTECT, related_name="access_events")
+    # Empty for what concerns no visit (signing in and out). PROTECT: the trail outlives
+    # nothing it names; a visit is purged of its PHI, never deleted from under its trail.
+    visit = models.ForeignKey(
+        Visit, null=True, blank=True, on_delete=models.PROTECT, related_name="access_events"
+    )
     action = models.CharField(max_length=32, choices=Action.choices)
     note_version = models.PositiveIntegerField(null=True, blank=True)
+    run_id = models.PositiveBigIntegerField(null=True, blank=True)
     actor = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
     )
-    # The user's name, or for a command line the OS login: kept even if the user row goes.
+    # The user's name (or, for a command line, the name given with --actor; for a failed
+    # sign-in, the name typed): kept even if the user row goes.
     actor_label = models.CharField(max_length=150)
+    # The operating-system login a command ran under, beside the --actor it names.
+    os_user = models.CharField(max_length=64, blank=True)
+    reason = models.CharField(max_length=500, blank=True)
     outcome = models.CharField(max_length=16, choices=Outcome.choices, default=Outcome.ALLOWED)
     detail = models.CharField(max_length=300, blank=True)
     ip = models.GenericIPAddressField(null=True, blank=True)
     user_agent = models.CharField(max_length=300, blank=True)
-    created_at = models.DateTimeField(auto_now_add=True)
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["visit", "-created_at"], name="access_event_visit_idx")]
+        permissions = [("view_audit", "Can read and export the audit trail")]
+        indexes = [
+            models.Index(fields=["visit", "-created_at"], name="access_event_visit_idx"),
+            models.Index(fields=["actor", "-created_at"], name="access_event_actor_idx"),
+        ]
 
     def __str__(self) -> str:
-        return f"{self.actor_label} {self.get_action_display()} (visit {self.visit_id})"
+        where = f" (visit {self.visit_id})" if self.visit_id else ""
+        return f"{self.actor_label} {self.get_action_display()}{where}"

@@ -23,6 +23,7 @@ from django.utils import timezone
 from pipeline.errors import OperationRefused
 from pipeline.selectors import stage_output
 from visits import claims
+from visits.audit import Action, audit_record
 from visits.delivery import delivery_start
 from visits.models import NoteVersion, Visit, visit_id_of_subject
 from visits.schemas import (
@@ -236,7 +237,7 @@ def note_save(
                 f"Version {base.number} is signed: changing it is an amendment, which needs a "
                 "reason (for example “corrected the dose of metformin”)."
             )
-        return NoteVersion.objects.create(
+        version = NoteVersion.objects.create(
             visit=visit,
             number=base.number + 1,
             kind=NoteVersion.Kind.AMENDMENT if amending else NoteVersion.Kind.EDIT,
@@ -247,6 +248,14 @@ def note_save(
             author=clinician,
             reason=reason if amending else "",
         )
+        audit_record(
+            Action.AMEND_NOTE if amending else Action.EDIT_NOTE,
+            user=clinician,
+            visit=visit,
+            version=version.number,
+            reason=version.reason,
+        )
+        return version
 
 
 # --- sign --------------------------------------------------------------------------------------
@@ -282,6 +291,13 @@ def note_sign(*, visit: Visit, clinician: User, number: int, reason: str = "") -
         version.signed_at = timezone.now()
         version.content_sha256 = version.seal()
         version.save(update_fields=["reason", "signed_by", "signed_at", "content_sha256"])
+        audit_record(
+            Action.SIGN_NOTE,
+            user=clinician,
+            visit=visit,
+            version=version.number,
+            reason=version.reason if signed_before else "",
+        )
         if settings.FHIR_BASE_URL:
             delivery_start(version)
     return version

@@ -101,7 +101,8 @@ def reprocess_execute(
     model: str | None = None,
     label: str = "",
 ) -> ReprocessOutcome:
-    """Carry out a plan as a shell operator (audited as `cli:<login>`); `plans` may be wrapped
+    """Carry out a plan as a command-line operator (audited under the command's --actor and
+    the OS login, see `visits.audit.command_origin`); `plans` may be wrapped
     in a progress bar. Re-runs may ask another `model` (refused before anything runs if it
     has no price) and carry a `label`."""
     if model:

@@ -412,6 +412,13 @@ class HistoryEvent:
     detail: str = ""
 
 
+_TIMELINE_ACCESS = (
+    AccessEvent.Action.EXPORT_FHIR,
+    AccessEvent.Action.PRINT_SUMMARY,
+    AccessEvent.Action.CHANGE_REFS,
+)
+
+
 def visit_history(visit: Visit) -> list[HistoryEvent]:
     """Everything that happened to a visit, newest first: the upload, each run, what operators
     did, each note version (drafted, edited, amended, signed), each delivery attempt to the
@@ -467,7 +474,9 @@ def visit_history(visit: Visit) -> list[HistoryEvent]:
                     attempt.error or "",
                 )
             )
-    for access in visit.access_events.all():
+    # Looks at the visit are the privacy officer's (the admin's audit trail); edits, signatures
+    # and operations are told above from their own records.
+    for access in visit.access_events.filter(action__in=_TIMELINE_ACCESS):
         what = access.get_action_display()
         if access.note_version:
             what += f" (version {access.note_version})"

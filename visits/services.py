@@ -29,16 +29,16 @@ from pipeline.operations import (
 from pipeline.prices import price_required
 from pipeline.selectors import run_of_subject, runs_of_subject
 from pipeline.states import RunStatus
+from visits.audit import Action, audit_record, current_origin
 from visits.delivery import NOTE_DELIVERY_WORKFLOW
 from visits.errors import SUPPORTED_FORMATS, RecordingRejected
-from visits.models import AccessEvent, ClinicianVocabulary, Visit
+from visits.models import ClinicianVocabulary, Visit
 from visits.selectors import visit_note_signed
 from visits.stages import VISIT_WORKFLOW
 from visits.vocabulary import vocabulary_prompt
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AnonymousUser, User
-    from django.http import HttpRequest
 
     from pipeline.models import Run
 
@@ -160,13 +160,16 @@ def visit_start(*, visit: Visit, inline: bool = False) -> None:
 REPROCESS_PERMISSION = "visits.reprocess_visit"
 
 
-def _operator(actor: User | AnonymousUser | None) -> Operator:
-    """Staff with the reprocess permission, or a shell operator (actor None); anyone else,
-    anonymous included, is refused."""
+def _operator(actor: User | AnonymousUser | None, *, visit: Visit, action: str) -> Operator:
+    """Staff with the reprocess permission, or a command line (actor None, named by its
+    --actor); anyone else, anonymous included, is refused, and the refusal is recorded."""
     if actor is None:
-        return Operator.command_line()
+        origin = current_origin()
+        return Operator(user=origin.actor, label=origin.operator_label)
     if not (actor.is_active and actor.is_staff and actor.has_perm(REPROCESS_PERMISSION)):
-        raise PermissionDenied("Retrying, re-running or cancelling needs the reprocess permission.")
+        refusal = "Retrying, re-running or cancelling needs the reprocess permission."
+        audit_record(action, user=actor, visit=visit, refused=refusal)
+        raise PermissionDenied(refusal)
     return Operator.for_user(actor)
 
 
@@ -174,14 +177,18 @@ def visit_retry(
     *, visit: Visit, actor: User | AnonymousUser | None, reason: str, inline: bool = False
 ) -> None:
     """One more attempt at the failed stage of the visit's current run."""
-    run_retry_failed(
-        run=_current_run(visit), operator=_operator(actor), reason=reason, inline=inline
-    )
+    operator = _operator(actor, visit=visit, action=Action.RETRY)
+    run = _current_run(visit)
+    run_retry_failed(run=run, operator=operator, reason=reason, inline=inline)
+    audit_record(Action.RETRY, user=actor, visit=visit, run_id=run.pk, reason=reason)
 
 
 def visit_skip_backoff(*, visit: Visit, actor: User | AnonymousUser | None, reason: str) -> None:
     """Run now: the waiting stage of the visit's current run is tried without more delay."""
-    run_skip_backoff(run=_current_run(visit), operator=_operator(actor), reason=reason)
+    operator = _operator(actor, visit=visit, action=Action.RUN_NOW)
+    run = _current_run(visit)
+    run_skip_backoff(run=run, operator=operator, reason=reason)
+    audit_record(Action.RUN_NOW, user=actor, visit=visit, run_id=run.pk, reason=reason)
 
 
 def visit_rerun_from(
@@ -197,10 +204,18 @@ def visit_rerun_from(
     """A new run from `stage`; it becomes the visit's current run, the old one stays readable
     (its note is an earlier version; a signed one is never touched). With `model` the new run
     asks that LLM (which must be priced); `label` names the batch, for `compare`."""
-    operator = _operator(actor)
+    operator = _operator(actor, visit=visit, action=Action.RERUN)
     if model:
         price_required(model, timezone.now().date())
     with transaction.atomic():
+        # Two operators re-running the visit at once: the second waits here for the first,
+        # then finds the run it saw replaced, and is refused rather than forking again.
+        locked = Visit.objects.select_for_update().only("current_run").get(pk=visit.pk)
+        if locked.current_run_id != visit.current_run_id:
+            raise OperationRefused(
+                f"Visit {visit.pk} was re-run meanwhile (its run is now {locked.current_run_id}"
+                "); look at that run before re-running it again."
+            )
         fork = run_rerun_from(
             run=_current_run(visit),
             stage_name=stage,
@@ -212,6 +227,14 @@ def visit_rerun_from(
         )
         visit.current_run = fork
         visit.save(update_fields=["current_run"])
+        audit_record(
+            Action.RERUN,
+            user=actor,
+            visit=visit,
+            run_id=fork.pk,
+            reason=reason,
+            detail=f"from {stage}" + (f" with {model}" if model else ""),
+        )
     visit_start(visit=visit, inline=inline)
 
 
@@ -219,16 +242,19 @@ def delivery_retry(
     *, visit: Visit, run_id: int, actor: User | AnonymousUser | None, reason: str
 ) -> None:
     """One more attempt at a failed delivery of the visit's note to the EHR."""
+    operator = _operator(actor, visit=visit, action=Action.RETRY_DELIVERY)
     run = run_of_subject(visit.subject, run_id)
     if run is None or run.workflow != NOTE_DELIVERY_WORKFLOW.name:
         raise OperationRefused(f"Visit {visit.pk} has no delivery run {run_id}.")
-    run_retry_failed(run=run, operator=_operator(actor), reason=reason)
+    run_retry_failed(run=run, operator=operator, reason=reason)
+    audit_record(Action.RETRY_DELIVERY, user=actor, visit=visit, run_id=run.pk, reason=reason)
 
 
 def visit_retry_deliveries(
     *, visit: Visit, actor: User | AnonymousUser | None, reason: str
 ) -> list[Run]:
     """Retry every failed delivery of the visit's signed note versions to the EHR."""
+    _operator(actor, visit=visit, action=Action.RETRY_DELIVERY)
     failed = [
         run
         for run in runs_of_subject(visit.subject)
@@ -242,7 +268,10 @@ def visit_retry_deliveries(
 
 
 def visit_cancel(*, visit: Visit, actor: User | AnonymousUser | None, reason: str) -> None:
-    run_cancel(run=_current_run(visit), operator=_operator(actor), reason=reason)
+    operator = _operator(actor, visit=visit, action=Action.CANCEL)
+    run = _current_run(visit)
+    run_cancel(run=run, operator=operator, reason=reason)
+    audit_record(Action.CANCEL, user=actor, visit=visit, run_id=run.pk, reason=reason)
 
 
 def _current_run(visit: Visit) -> Run:
@@ -264,33 +293,10 @@ def visit_refs_update(
         )
     visit.patient_ref = visit_ref_validate(patient_ref, what="patient reference")
     visit.encounter_ref = visit_ref_validate(encounter_ref, what="encounter reference")
-    visit.save(update_fields=["patient_ref", "encounter_ref"])
+    with transaction.atomic():
+        visit.save(update_fields=["patient_ref", "encounter_ref"])
+        audit_record(Action.CHANGE_REFS, user=clinician, visit=visit)
     return visit
-
-
-def access_record(
-    *,
-    visit: Visit,
-    action: str,
-    version: int | None = None,
-    request: HttpRequest | None = None,
-    refused: str = "",
-) -> AccessEvent:
-    """Record that PHI of `visit` left the application (or was refused, saying why): by the
-    request's user and from its address, or, without a request, by the OS user of a command."""
-    user = getattr(request, "user", None)
-    actor = user if user is not None and user.is_authenticated else None
-    return AccessEvent.objects.create(
-        visit=visit,
-        action=action,
-        note_version=version,
-        actor=actor,
-        actor_label=actor.get_username() if actor else Operator.command_line().label,
-        outcome=AccessEvent.Outcome.REFUSED if refused else AccessEvent.Outcome.ALLOWED,
-        detail=refused[:300],
-        ip=request.META.get("REMOTE_ADDR") if request else None,
-        user_agent=request.headers.get("User-Agent", "")[:300] if request else "",
-    )
 
 
 def service_clinician(username: str | None, *, service_account: str) -> User:

@@ -11,9 +11,9 @@ from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.http.response import HttpResponseBase
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.csrf import csrf_exempt, csrf_protect
 from django.views.decorators.http import (
@@ -27,6 +27,7 @@ from django_htmx.http import HttpResponseClientRedirect
 from config.session_policy import session_passive
 from pipeline.errors import PipelineError
 from pipeline.states import FINAL_RUN_STATUSES
+from visits.audit import Action, audit_record
 from visits.browser_recordings import (
     RecordingIncomplete,
     recording_piece_save,
@@ -34,7 +35,7 @@ from visits.browser_recordings import (
 )
 from visits.fhir import FHIR_JSON, NoteTampered, NoteUnresolved, note_bundle_json
 from visits.forms import VisitRefsForm, VisitUploadForm, note_edits_from_post
-from visits.models import AccessEvent, Visit
+from visits.models import Visit
 from visits.notes import (
     NoteChanged,
     note_apply_edits,
@@ -56,7 +57,7 @@ from visits.selectors import (
     visits_of_clinician,
     visits_visible_to,
 )
-from visits.services import access_record, visit_create, visit_refs_update, visit_start
+from visits.services import visit_create, visit_refs_update, visit_start
 from visits.uploads import RecordingSizeLimit
 
 if TYPE_CHECKING:
@@ -187,7 +188,8 @@ def recording_finish(request: AuthenticatedHttpRequest, session_id: uuid.UUID) -
 @login_required
 @require_GET
 def visit_detail(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
-    return render(request, "visits/detail.html", _visit_context(request, visit_id))
+    visit = _visit_for(request, visit_id, Action.VIEW_VISIT)
+    return render(request, "visits/detail.html", _visit_context(request, visit))
 
 
 @session_passive
@@ -196,11 +198,39 @@ def visit_detail(request: AuthenticatedHttpRequest, visit_id: int) -> HttpRespon
 def visit_live(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
     """The visit page's body alone: polled by htmx while the pipeline runs, and swapped in
     place. Once the run is final the fragment carries no trigger, so polling stops."""
-    return render(request, "visits/_visit_live.html", _visit_context(request, visit_id))
+    # The page's first load was recorded; its polls are the same look, not new ones.
+    visit = _visit_for(request, visit_id, Action.VIEW_VISIT, record=False)
+    return render(request, "visits/_visit_live.html", _visit_context(request, visit))
 
 
-def _visit_context(request: AuthenticatedHttpRequest, visit_id: int) -> dict[str, object]:
-    visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+def _visit_for(
+    request: AuthenticatedHttpRequest,
+    visit_id: int,
+    action: str,
+    *,
+    record: bool = True,
+    version: int | None = None,
+) -> Visit:
+    """The visit, if the user may see it, with the look recorded in the audit trail (when
+    `record`: actions that change something are recorded by their service). Otherwise 404,
+    and the attempt is recorded as refused: someone probing others' visits shows in the
+    trail."""
+    visit = visits_visible_to(request.user).filter(pk=visit_id).first()
+    if visit is None:
+        other = Visit.objects.filter(pk=visit_id).first()
+        audit_record(
+            action,
+            user=request.user,
+            visit=other,
+            refused="not this user's visit" if other else f"there is no visit {visit_id}",
+        )
+        raise Http404("No such visit.")
+    if record:
+        audit_record(action, user=request.user, visit=visit, version=version)
+    return visit
+
+
+def _visit_context(request: AuthenticatedHttpRequest, visit: Visit) -> dict[str, object]:
     stages = visit_stages(visit)
     history = note_history(visit)
     document = visit_status_document(visit, stages, history)
@@ -249,7 +279,7 @@ def _comparison(request: HttpRequest, history: list[NoteEntry]) -> dict[str, obj
 def visit_timeline(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
     """Everything that happened to the visit, newest first: runs, operators' actions, note
     versions, signatures, deliveries, exports and prints."""
-    visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+    visit = _visit_for(request, visit_id, Action.VIEW_HISTORY)
     return render(request, "visits/history.html", {"visit": visit, "events": visit_history(visit)})
 
 
@@ -259,7 +289,7 @@ def note_version_detail(
     request: AuthenticatedHttpRequest, visit_id: int, number: int
 ) -> HttpResponse:
     """One version of the note, whole, with what changed since the version before it."""
-    visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+    visit = _visit_for(request, visit_id, Action.VIEW_NOTE, version=number)
     history = note_history(visit)
     entry = next((e for e in history if e.version.number == number), None)
     if entry is None:
@@ -281,7 +311,7 @@ def note_edit(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
     """The clinician edits the latest version; saving makes the next one. A save based on a
     version that is no longer the latest is refused, and the page shows both what they typed
     and what changed meanwhile, so nothing is lost."""
-    visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+    visit = _visit_for(request, visit_id, Action.EDIT_NOTE, record=False)
     if visit.clinician_id != request.user.pk:
         messages.error(request, "Only the visit's clinician can edit its note.")
         return redirect("visits:detail", visit_id=visit.pk)
@@ -291,6 +321,10 @@ def note_edit(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
         return redirect("visits:detail", visit_id=visit.pk)
     latest = history[-1]
     context: dict[str, object] = {"visit": visit, "entry": latest, "reason": ""}
+    if request.method == "GET":
+        audit_record(
+            Action.VIEW_NOTE, user=request.user, visit=visit, version=latest.version.number
+        )
     if request.method == "POST":
         base = next(
             (e for e in history if str(e.version.number) == request.POST.get("base", "")), None
@@ -336,7 +370,7 @@ def note_edit(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
 @login_required
 @require_POST
 def note_sign_view(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
-    visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+    visit = _visit_for(request, visit_id, Action.SIGN_NOTE, record=False)
     number = request.POST.get("version", "")
     if not number.isdigit():
         messages.error(request, "Choose a version of the note to sign.")
@@ -373,7 +407,7 @@ def _act_on_visit(
 @require_GET
 def visit_after_visit_summary(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
     """The patient's printable summary of the latest note version; a draft prints as such."""
-    visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+    visit = _visit_for(request, visit_id, Action.PRINT_SUMMARY, record=False)
     history = note_history(visit)
     if not history:
         messages.error(request, "There is no note yet to summarise for the patient.")
@@ -384,21 +418,16 @@ def visit_after_visit_summary(request: AuthenticatedHttpRequest, visit_id: int) 
             f"Version {version.number} changed after it was signed: it is not printed as a "
             "signed summary. Tell your privacy officer."
         )
-        access_record(
-            request=request,
+        audit_record(
+            Action.PRINT_SUMMARY,
+            user=request.user,
             visit=visit,
-            action=AccessEvent.Action.PRINT_SUMMARY,
             version=version.number,
             refused=refusal,
         )
         messages.error(request, refusal)
         return redirect("visits:detail", visit_id=visit.pk)
-    access_record(
-        request=request,
-        visit=visit,
-        action=AccessEvent.Action.PRINT_SUMMARY,
-        version=version.number,
-    )
+    audit_record(Action.PRINT_SUMMARY, user=request.user, visit=visit, version=version.number)
     context = {"visit": visit, "summary": after_visit_summary(version), "version": version}
     response = render(request, "visits/after_visit_summary.html", context)
     response["Cache-Control"] = "private, no-store"
@@ -409,27 +438,22 @@ def visit_after_visit_summary(request: AuthenticatedHttpRequest, visit_id: int) 
 @require_GET
 def visit_fhir(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
     """The latest note version (or `?version=N`) as a FHIR R4 document Bundle."""
-    visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+    visit = _visit_for(request, visit_id, Action.EXPORT_FHIR, record=False)
     asked = request.GET.get("version")
     try:
         entry = note_entry_pick(visit, asked)
         bundle = note_bundle_json(entry)
     except PipelineError as exc:
-        access_record(
-            request=request,
+        audit_record(
+            Action.EXPORT_FHIR,
+            user=request.user,
             visit=visit,
-            action=AccessEvent.Action.EXPORT_FHIR,
             version=int(asked) if asked and asked.isdigit() else None,
             refused=str(exc),
         )
         status = 409 if isinstance(exc, (NoteTampered, NoteUnresolved)) else 404
         return JsonResponse({"error": str(exc), "code": exc.code}, status=status)
-    access_record(
-        request=request,
-        visit=visit,
-        action=AccessEvent.Action.EXPORT_FHIR,
-        version=entry.version.number,
-    )
+    audit_record(Action.EXPORT_FHIR, user=request.user, visit=visit, version=entry.version.number)
     response = HttpResponse(bundle, content_type=FHIR_JSON)
     response["Cache-Control"] = "private, no-store"
     response["Content-Disposition"] = (
@@ -442,7 +466,7 @@ def visit_fhir(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse
 @require_POST
 def visit_refs(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
     """The clinician corrects the visit's EHR references (until the note is signed)."""
-    visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+    visit = _visit_for(request, visit_id, Action.CHANGE_REFS, record=False)
     form = VisitRefsForm(request.POST)
     if not form.is_valid():
         for message in form.errors.get_json_data().values():
@@ -460,8 +484,15 @@ def visit_refs(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse
 @require_safe
 def visit_recording(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponseBase:
     """The recording, to its clinician and permitted staff only; never cached; seekable (HTTP
-    ranges), so the player can start at any cited segment."""
-    visit = get_object_or_404(visits_visible_to(request.user), pk=visit_id)
+    ranges), so the player can start at any cited segment. Every request is recorded, with
+    the part asked for: a seek in the player is a new look at the recording."""
+    visit = _visit_for(request, visit_id, Action.PLAY_RECORDING, record=False)
+    audit_record(
+        Action.PLAY_RECORDING,
+        user=request.user,
+        visit=visit,
+        detail=request.headers.get("Range", "whole file"),
+    )
     extension = PurePath(visit.recording.name).suffix
     return recording_response(
         request, visit.recording, filename=f"visit-{visit.pk}-recording{extension}"

@@ -25,8 +25,9 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 # Measured: session, user, the visit, its runs, the clinician and the current run of the
 # read-only fields, the content type of the "history" link (cached after a first page), and two
-# queries (stages, their attempts) for each run shown in detail, whatever its attempts.
-QUERIES_BASE = 7
+# queries (stages, their attempts) for each run shown in detail, whatever its attempts; and the
+# audit trail's row saying who looked.
+QUERIES_BASE = 8
 QUERIES_PER_RUN = 2
 
 

@@ -15,6 +15,7 @@ from django.core.management import CommandError, call_command
 from django_q.models import OrmQ
 
 from tests.conftest import SHORT_VISIT
+from tests.support.audit import AUDITED
 from visits.models import Visit
 
 pytestmark = pytest.mark.django_db
@@ -55,7 +56,7 @@ def test_process_recording_inline_prints_the_final_status_document(clinician):
     }
     assert Visit.objects.get(pk=document["visit"]).clinician == clinician
 
-    assert run_json("visit_status", str(document["visit"])) == document
+    assert run_json("visit_status", str(document["visit"]), *AUDITED) == document
 
 
 def test_process_recording_without_inline_enqueues_and_returns_at_once(
@@ -79,7 +80,7 @@ def test_process_recording_without_inline_enqueues_and_returns_at_once(
         (["process_recording", str(settings.BASE_DIR / "fixtures")], "not a regular file"),
         (["process_recording", str(SHORT_VISIT), "--clinician", "nobody"], "No user named"),
         (["process_recording", str(settings.BASE_DIR / "README.md")], "not a recording format"),
-        (["visit_status", "999999"], "No visit with id 999999"),
+        (["visit_status", "999999", *AUDITED], "No visit with id 999999"),
     ],
 )
 def test_bad_arguments_are_command_errors_that_say_what_to_fix(args, message):
@@ -91,7 +92,7 @@ def test_bad_arguments_are_command_errors_that_say_what_to_fix(args, message):
 def test_visit_status_human_output(clinician):
     document = run_json("process_recording", str(SHORT_VISIT), "--inline")
     out = StringIO()
-    call_command("visit_status", str(document["visit"]), stdout=out)
+    call_command("visit_status", str(document["visit"]), *AUDITED, stdout=out)
     lines = out.getvalue().splitlines()
     assert lines[0] == f"visit {document['visit']}: succeeded"
     assert [line.split()[0] for line in lines[1:5]] == STAGES

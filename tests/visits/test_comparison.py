@@ -13,6 +13,7 @@ from django.core.management import CommandError, call_command
 from pipeline.models import Run
 from tests.conftest import SHORT_VISIT
 from tests.fakes.llm_server import default_content
+from tests.support.audit import AUDITED
 from visits.models import NoteVersion
 from visits.notes import note_sign
 from visits.services import visit_create, visit_start
@@ -50,8 +51,8 @@ def run(*args: str) -> str:
 def test_a_cohort_re_run_under_another_model_is_compared_with_what_it_replaced(visits, llm_server):
     signed = NoteVersion.objects.get(visit=visits[0], number=1)
     ids = [arg for visit in visits for arg in ("--visit", str(visit.pk))]
-    run("reprocess", *ids, "--from-stage", "summarize", "--model", "gpt-4o", "--label", "try-4o",
-        "--inline")  # fmt: skip
+    run("reprocess", *AUDITED, *ids, "--from-stage", "summarize", "--model", "gpt-4o", "--label",
+        "try-4o", "--inline")  # fmt: skip
 
     forks = list(Run.objects.filter(label="try-4o").order_by("id"))
     assert [fork.input["llm_model"] for fork in forks] == ["gpt-4o", "gpt-4o"]
@@ -81,13 +82,13 @@ def test_a_cohort_re_run_under_another_model_is_compared_with_what_it_replaced(v
 
 def test_a_model_without_a_price_is_refused_before_anything_runs(visits):
     with pytest.raises(CommandError, match="no price for “gpt-9”"):
-        run("reprocess", "--visit", str(visits[0].pk), "--from-stage", "summarize",
+        run("reprocess", *AUDITED, "--visit", str(visits[0].pk), "--from-stage", "summarize",
             "--model", "gpt-9", "--inline")  # fmt: skip
     assert not Run.objects.filter(forked_from__isnull=False).exists()
 
 
 def test_model_and_label_need_a_re_run_and_compare_needs_a_known_label(visits):
     with pytest.raises(CommandError, match="give --from-stage"):
-        run("reprocess", "--visit", str(visits[0].pk), "--model", "gpt-4o")
+        run("reprocess", *AUDITED, "--visit", str(visits[0].pk), "--model", "gpt-4o")
     with pytest.raises(CommandError, match="No re-run carries the label “nope”"):
         run("compare", "--label", "nope")

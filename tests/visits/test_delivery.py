@@ -24,6 +24,7 @@ from pipeline import executor
 from pipeline.models import Attempt, AuditEntry, Run, RunStatus, Stage, StageStatus
 from tests.conftest import SHORT_VISIT, requires_postgres
 from tests.fakes.fhir_server import FakeFhirServer
+from tests.support.audit import AUDITED
 from tests.support.cluster import Cluster, wait_for
 from visits.delivery import delivery_start
 from visits.fhir import IDENTIFIER_SYSTEM
@@ -83,7 +84,7 @@ def composition(bundle: dict) -> dict:
 
 def status_json(visit: Visit) -> dict:
     out = StringIO()
-    call_command("visit_status", str(visit.pk), "--json", stdout=out)
+    call_command("visit_status", str(visit.pk), "--json", *AUDITED, stdout=out)
     return json.loads(out.getvalue())
 
 

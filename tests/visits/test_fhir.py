@@ -13,6 +13,7 @@ from django.urls import reverse
 from fhir.resources.R4B.bundle import Bundle
 
 from tests.conftest import SAMPLE_VISIT, SHORT_VISIT
+from tests.support.audit import AUDITED
 from visits.notes import note_sign
 from visits.services import visit_create, visit_rerun_from, visit_start
 
@@ -90,7 +91,7 @@ def test_the_command_prints_any_version_and_refuses_an_unknown_one(clinician, vi
 
     def export(*args: str) -> dict:
         out = StringIO()
-        call_command("fhir_export", str(visit.pk), *args, stdout=out)
+        call_command("fhir_export", str(visit.pk), *args, *AUDITED, stdout=out)
         return json.loads(out.getvalue())
 
     assert export()["identifier"]["value"] == f"visit-{visit.pk}-note-2"
@@ -98,7 +99,7 @@ def test_the_command_prints_any_version_and_refuses_an_unknown_one(clinician, vi
     with pytest.raises(CommandError, match="no note version 5; versions: 1, 2"):
         export("--note-version", "5")
     with pytest.raises(CommandError, match="No visit with id 999"):
-        call_command("fhir_export", "999", stdout=StringIO())
+        call_command("fhir_export", "999", *AUDITED, stdout=StringIO())
 
 
 def test_it_is_private_and_needs_a_note(client, clinician, other_clinician, visit):

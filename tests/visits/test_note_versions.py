@@ -22,6 +22,7 @@ from django.utils import timezone
 from pipeline.selectors import output_of
 from tests.conftest import SHORT_VISIT
 from tests.fakes.llm_server import default_content
+from tests.support.audit import AUDITED
 from visits.fhir import IDENTIFIER_SYSTEM
 from visits.models import AccessEvent, NoteVersion, Visit
 from visits.notes import LineDiff, note_diff, note_draft_record
@@ -52,12 +53,8 @@ def operator(django_user_model):
 
 
 @pytest.fixture
-def visit(clinician) -> Visit:
-    """A visit whose pipeline ran to the end with the offline engine: version 1 is its draft."""
-    visit = visit_create(clinician=clinician, recording=SHORT_VISIT)
-    visit_start(visit=visit, inline=True)
-    visit.refresh_from_db()
-    return visit
+def visit(finished_visit) -> Visit:
+    return finished_visit
 
 
 def versions(visit: Visit) -> list[NoteVersion]:
@@ -450,7 +447,8 @@ def test_a_signed_version_changed_in_the_database_is_detected_and_not_exported(
         (AccessEvent.Action.EXPORT_FHIR, clinician, None),
     }
     assert all("changed after it was signed" in e.detail for e in refused)
-    assert not visit.access_events.filter(outcome=AccessEvent.Outcome.ALLOWED).exists()
+    exported = visit.access_events.filter(action=AccessEvent.Action.EXPORT_FHIR)
+    assert not exported.filter(outcome=AccessEvent.Outcome.ALLOWED).exists()
 
 
 def test_a_signed_version_changed_in_the_database_is_not_printed_as_signed(
@@ -678,7 +676,7 @@ def test_the_history_page_lists_everything_newest_first(client, clinician, visit
 
 def status_json(visit: Visit) -> dict:
     out = StringIO()
-    call_command("visit_status", str(visit.pk), "--json", stdout=out)
+    call_command("visit_status", str(visit.pk), "--json", *AUDITED, stdout=out)
     return json.loads(out.getvalue())
 
 
@@ -696,7 +694,7 @@ def test_visit_status_json_carries_the_note_version_and_no_deliveries(client, cl
     assert document["note"] == version(visit, 2).content
     assert document["deliveries"] == []
     out = StringIO()
-    call_command("visit_status", str(visit.pk), stdout=out)
+    call_command("visit_status", str(visit.pk), *AUDITED, stdout=out)
     assert "note: version 2, signed" in out.getvalue()
 
 

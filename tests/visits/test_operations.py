@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import getpass
+import threading
 from io import StringIO
 
 import pytest
 from django.contrib.auth.models import Permission
 from django.core.exceptions import PermissionDenied
 from django.core.management import CommandError, call_command
+from django.db import connection
 from django.urls import reverse
 
 from pipeline.errors import OperationRefused
 from pipeline.models import Attempt, AuditEntry, LLMCall, Run, RunStatus, Stage, StageStatus
 from pipeline.store import run_create
-from tests.conftest import SHORT_VISIT
+from tests.conftest import SHORT_VISIT, is_postgres
+from tests.support.audit import AUDITED
 from visits.models import Visit
 from visits.services import visit_create, visit_rerun_from, visit_retry, visit_start
 from visits.stages import VISIT_WORKFLOW
@@ -53,7 +57,7 @@ def test_reprocess_finishes_a_visit_failed_in_an_llm_stage_without_redoing_anyth
     assert len(summarize_requests) == 1
 
     out = StringIO()
-    call_command("reprocess", "--visit", str(visit.pk), "--inline", stdout=out)
+    call_command("reprocess", "--visit", str(visit.pk), "--inline", *AUDITED, stdout=out)
 
     visit.refresh_from_db()
     run = visit.current_run
@@ -75,13 +79,24 @@ def test_reprocess_finishes_a_visit_failed_in_an_llm_stage_without_redoing_anyth
     )
     (entry,) = AuditEntry.objects.all()
     assert (entry.action, entry.run_id, entry.stage, entry.actor) == ("retry", run.pk, "note", None)
-    assert entry.actor_label.startswith("cli:")
+    # The engine's log and the audit trail both name the --actor and the OS login beside it.
+    assert entry.actor_label == f"test-operator (cli:{getpass.getuser()})"
+    (event,) = visit.access_events.all()
+    assert (event.action, event.run_id, event.actor_label, event.os_user, event.reason) == (
+        "retry",
+        run.pk,
+        "test-operator",
+        getpass.getuser(),
+        "checked by the test suite",
+    )
 
 
 def test_dry_run_prints_the_plan_and_changes_nothing(clinician, llm_server):
     visit = failed_at_note(clinician, llm_server)
     out = StringIO()
-    call_command("reprocess", "--status", "failed", "--stage", "note", "--dry-run", stdout=out)
+    call_command(
+        "reprocess", "--status", "failed", "--stage", "note", "--dry-run", *AUDITED, stdout=out
+    )
     note_tokens = sum(
         c.input_tokens + c.output_tokens for c in LLMCall.objects.filter(stage__name="note")
     )
@@ -127,6 +142,44 @@ def test_rerun_from_a_stage_forks_a_new_run_and_keeps_the_old_one(clinician, ope
         new,
         "new prompt",
     )
+
+
+def test_two_operators_re_running_the_same_visit_make_one_fork(finished_visit, operator):
+    # Both opened the visit before either re-ran it: each holds the run they saw.
+    first, second = (Visit.objects.get(pk=finished_visit.pk) for _ in range(2))
+    seen = first.current_run_id
+
+    visit_rerun_from(visit=first, stage="note", actor=operator, reason="new prompt")
+    with pytest.raises(OperationRefused, match="re-run meanwhile"):
+        visit_rerun_from(visit=second, stage="note", actor=operator, reason="new prompt too")
+
+    assert Run.objects.filter(forked_from_id=seen).count() == 1
+
+
+@pytest.mark.skipif(not is_postgres(), reason="row locks are PostgreSQL's; SQLite serializes")
+def test_concurrent_re_runs_of_one_visit_make_one_fork(finished_visit, operator):
+    seen = finished_visit.current_run_id
+    start = threading.Barrier(2)
+    refused: list[Exception] = []
+
+    def rerun() -> None:
+        visit = Visit.objects.get(pk=finished_visit.pk)
+        start.wait()
+        try:
+            visit_rerun_from(visit=visit, stage="note", actor=operator, reason="at once")
+        except OperationRefused as exc:
+            refused.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=rerun) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert Run.objects.filter(forked_from_id=seen).count() == 1
+    assert len(refused) == 1
 
 
 def test_rerun_is_refused_while_a_run_is_active_and_from_an_unknown_stage(clinician, operator):
@@ -209,9 +262,9 @@ def test_audit_trail_is_read_only_in_the_admin(admin_client, clinician, operator
 
 def test_reprocess_needs_a_selection_and_a_real_date():
     with pytest.raises(CommandError, match="Choose the visits"):
-        call_command("reprocess", stdout=StringIO())
+        call_command("reprocess", *AUDITED, stdout=StringIO())
     with pytest.raises(CommandError, match="not a date"):
-        call_command("reprocess", "--since", "2026-13-45", stdout=StringIO())
+        call_command("reprocess", "--since", "2026-13-45", *AUDITED, stdout=StringIO())
 
 
 @pytest.mark.django_db(transaction=False)

@@ -2,11 +2,12 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from pipeline.errors import PipelineError
+from visits.audit import Action, audit_record, command_arguments, command_origin
 from visits.fhir import note_bundle_json
 from visits.management.output import refusals_as_command_errors
-from visits.models import AccessEvent, Visit
+from visits.models import Visit
 from visits.selectors import note_entry_pick
-from visits.services import access_record
 
 
 class Command(BaseCommand):
@@ -21,15 +22,20 @@ class Command(BaseCommand):
             metavar="N",
             help="Which version of the note (1 is the model's first draft); default: the latest.",
         )
+        command_arguments(parser)
 
     def handle(self, *args: Any, visit_id: int, note_version: int | None, **options: Any) -> None:
         visit = Visit.objects.select_related("clinician").filter(pk=visit_id).first()
         if visit is None:
             raise CommandError(f"No visit with id {visit_id}.")
-        with refusals_as_command_errors():
-            entry = note_entry_pick(visit, note_version)
-            bundle = note_bundle_json(entry)
-        access_record(
-            visit=visit, action=AccessEvent.Action.EXPORT_FHIR, version=entry.version.number
-        )
+        with command_origin(options), refusals_as_command_errors():
+            try:
+                entry = note_entry_pick(visit, note_version)
+                bundle = note_bundle_json(entry)
+            except PipelineError as exc:
+                audit_record(
+                    Action.EXPORT_FHIR, visit=visit, version=note_version, refused=str(exc)
+                )
+                raise
+            audit_record(Action.EXPORT_FHIR, visit=visit, version=entry.version.number)
         self.stdout.write(bundle)

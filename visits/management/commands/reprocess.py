@@ -7,6 +7,7 @@ from django.utils import timezone
 from tqdm import tqdm
 
 from pipeline.states import RunStatus
+from visits.audit import command_arguments, command_origin
 from visits.management.output import refusals_as_command_errors
 from visits.reprocess import (
     VisitPlan,
@@ -74,11 +75,7 @@ class Command(BaseCommand):
             action="store_true",
             help="Run the pipelines in this process instead of enqueuing them for the cluster.",
         )
-        parser.add_argument(
-            "--reason",
-            default="batch reprocess (manage.py reprocess)",
-            help="Why, for the audit trail.",
-        )
+        command_arguments(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not any(options[key] for key in ("visits", "status", "stage", "since")):
@@ -109,7 +106,7 @@ class Command(BaseCommand):
             return
         # On a terminal, a progress bar on stderr; nothing when the output is piped or logged.
         progress = tqdm(plans, unit="visit", file=sys.stderr, disable=not self.stdout.isatty())
-        with refusals_as_command_errors():
+        with command_origin(options), refusals_as_command_errors():
             outcome = reprocess_execute(
                 progress,
                 from_stage=options["from_stage"],
