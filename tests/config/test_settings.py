@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from django.conf import settings
 
 PRODUCTION = {
@@ -43,3 +44,13 @@ def test_a_malformed_setting_names_the_variable():
     done = manage("check", PIPELINE_LEASE_SECONDS="soon")
     assert done.returncode != 0
     assert "PIPELINE_LEASE_SECONDS='soon' is not a number" in done.stderr
+
+
+@pytest.mark.django_db
+def test_every_page_carries_a_content_security_policy_without_inline_code_or_eval(client):
+    policy = client.get("/accounts/login/")["Content-Security-Policy"]
+    directives = dict(part.strip().split(" ", 1) for part in policy.split(";"))
+
+    assert directives["script-src"] == directives["style-src"] == "'self'"
+    assert directives["object-src"] == directives["frame-ancestors"] == "'none'"
+    assert "unsafe" not in policy
