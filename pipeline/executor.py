@@ -13,6 +13,7 @@ import socket
 import time
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.utils import timezone
 
 from pipeline import dispatch, policy, recovery, store
@@ -65,6 +66,22 @@ def _attempt_run(claim: store.Claim) -> int | None:
             )
             ctx.discard_artifacts()
             return None
+        except DatabaseError as exc:
+            # The connection may have failed at COMMIT after the database committed, and the
+            # committed output refers to the artifacts: they go only once the database says
+            # the attempt did not succeed. If it cannot say, they stay; should the attempt
+            # turn out lost, the sweep removes them when it takes the lease back.
+            if not store.attempt_succeeded(claim):
+                ctx.discard_artifacts()
+                return _attempt_failed(claim, ctx, exc, elapsed=time.monotonic() - started)
+            logger.warning(
+                "attempt %s of stage %s (run %s) committed although its commit raised %s",
+                claim.attempt_number,
+                claim.stage_name,
+                claim.run_id,
+                type(exc).__name__,
+            )
+            next_stage = store.stage_after(claim)
         except Exception as exc:
             ctx.discard_artifacts()
             return _attempt_failed(claim, ctx, exc, elapsed=time.monotonic() - started)

@@ -168,7 +168,7 @@ class LLMGateway:
         if found is not None:
             return output_type.model_validate_json(found.content)
         result = offline()
-        store.llm_call_record(
+        recorded = store.llm_call_record(
             self._ctx.claim,
             digest=digest,
             model=OFFLINE_MODEL,
@@ -180,7 +180,7 @@ class LLMGateway:
             ),
             duration_ms=0,
         )
-        return result
+        return output_type.model_validate_json(recorded)
 
     def _call(
         self, model: str, messages: list[ChatCompletionMessageParam], response_format: Any
@@ -218,7 +218,8 @@ class LLMGateway:
         input_tokens = usage.prompt_tokens if usage else 0
         output_tokens = usage.completion_tokens if usage else 0
         content = (completion.choices[0].message.content or "") if completion.choices else ""
-        store.llm_call_record(
+        # Another attempt may have been answered first: go on with the answer it recorded.
+        return store.llm_call_record(
             claim,
             digest=digest,
             model=model,
@@ -233,7 +234,6 @@ class LLMGateway:
             ),
             duration_ms=duration_ms,
         )
-        return content
 
 
 def _problem(content: str, output_type: type[T], check: Callable[[T], None] | None) -> str | None:

@@ -165,11 +165,17 @@ class Checkpoint(models.Model):
 class LLMCall(models.Model):
     """One answered model request: the token ledger, and the memo that stops paying twice.
 
-    Keyed by (stage, request digest): a retry of the stage finds the answer here instead of
-    sending the request again."""
+    Every answer the provider billed is a row. The first answer to a request in a stage is the
+    memo, unique by (stage, request digest): a retry of the stage finds it here instead of
+    sending the request again. Two attempts that asked at once (a stalled one and the one that
+    replaced it) were both billed: the later answer is kept as a duplicate of the memo, for its
+    cost, and both attempts go on with the memo's answer."""
 
     stage = models.ForeignKey(Stage, on_delete=models.CASCADE, related_name="llm_calls")
     attempt = models.ForeignKey(Attempt, on_delete=models.CASCADE, related_name="llm_calls")
+    duplicate_of = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.CASCADE, related_name="duplicates"
+    )
     digest = models.CharField(max_length=64)
     model = models.CharField(max_length=128)
     content = models.TextField()
@@ -182,8 +188,15 @@ class LLMCall(models.Model):
     class Meta:
         constraints = [
             models.UniqueConstraint(
-                fields=["stage", "digest"], name="pipeline_llmcall_unique_digest"
-            )
+                fields=["stage", "digest"],
+                condition=Q(duplicate_of__isnull=True),
+                name="pipeline_llmcall_unique_digest",
+            ),
+            # An attempt sends a request at most once, so a second row of its own for one is a
+            # retried insert whose first try committed unseen, not a second bill.
+            models.UniqueConstraint(
+                fields=["attempt", "digest"], name="pipeline_llmcall_unique_attempt_digest"
+            ),
         ]
         indexes = [models.Index(fields=["created_at"], name="pipeline_llmcall_created_idx")]
 

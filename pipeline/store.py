@@ -6,6 +6,10 @@ again, and the store writes that decision down. Others read through `pipeline.se
 Every transition is a short transaction whose WHERE clause is the fence: a stage is claimed only
 if it is still ready, completed or failed only by the attempt that holds its lease. That is
 what makes a duplicate delivery, a zombie worker or a racing sweep harmless.
+
+Time here is the database's: leases, deadlines and retry times are set and compared on the one
+clock every host shares (`Now()` in SQL, or `db_now()` where Python does the arithmetic), so a
+host whose clock is skewed can neither take a live lease nor keep an expired one.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from typing import Any
 from django.conf import settings
 from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.db.models import F, Q, QuerySet
-from django.db.models.functions import Coalesce
-from django.utils import timezone
+from django.db.models.functions import Coalesce, Now
+from django.db.models.sql import Query
 
 from pipeline import policy
 from pipeline.errors import AttemptTimedOut, LeaseLost
@@ -74,6 +78,20 @@ def _lease_seconds() -> float:
     return float(settings.PIPELINE_LEASE_SECONDS)
 
 
+def db_now() -> datetime:
+    """The database's clock, the one every host shares, read in one round trip."""
+    now = Now()
+    sql, params = Query(None).get_compiler(connection=connection).compile(now)
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT {sql}", params)
+        row = cursor.fetchone()
+    value = row[0]
+    for convert in connection.ops.get_db_converters(now):
+        value = convert(value, now, connection)
+    assert isinstance(value, datetime)
+    return value
+
+
 def _spec(stage: Stage) -> StageSpec:
     return workflow_get(stage.run.workflow).stage(stage.name)
 
@@ -91,7 +109,7 @@ def run_create(
     label: str = "",
 ) -> Run:
     """Create a run and its stages. Stages before `fork_stage` reuse `forked_from`'s outputs."""
-    now = timezone.now()
+    now = db_now()
     with transaction.atomic():
         run = Run.objects.create(
             workflow=workflow.name,
@@ -149,11 +167,10 @@ def run_ready_stages(run_id: int) -> list[Stage]:
 
 def run_mark_cancelled(*, run: Run, reason: str) -> bool:
     """Cancel every stage not yet finished. A running attempt is fenced out at its next write."""
-    now = timezone.now()
     with transaction.atomic():
         updated = Run.objects.filter(
             id=run.id, status__in=[RunStatus.QUEUED, RunStatus.RUNNING]
-        ).update(status=RunStatus.CANCELLED, error=reason, finished_at=now)
+        ).update(status=RunStatus.CANCELLED, error=reason, finished_at=Now())
         if not updated:
             return False
         open_stages = Stage.objects.filter(
@@ -161,25 +178,25 @@ def run_mark_cancelled(*, run: Run, reason: str) -> bool:
             status__in=[StageStatus.PENDING, StageStatus.READY, StageStatus.RUNNING],
         )
         Attempt.objects.filter(stage__in=open_stages, status=AttemptStatus.RUNNING).update(
-            status=AttemptStatus.CANCELLED, finished_at=now, error_message=reason
+            status=AttemptStatus.CANCELLED, finished_at=Now(), error_message=reason
         )
         open_stages.update(
             status=StageStatus.CANCELLED,
             lease_owner="",
             lease_expires_at=None,
             error_message=reason,
-            finished_at=now,
+            finished_at=Now(),
         )
     return True
 
 
 def stage_reopen_failed(*, run: Run) -> Stage | None:
     """Give the run's failed stage one more attempt; everything before it stays as it is."""
-    now = timezone.now()
     with transaction.atomic():
         stage = (
             Stage.objects.select_for_update()
             .filter(run_id=run.id, status=StageStatus.FAILED)
+            .annotate(db_now=Now())
             .order_by("position")
             .first()
         )
@@ -187,7 +204,7 @@ def stage_reopen_failed(*, run: Run) -> Stage | None:
             return None
         stage.status = StageStatus.READY
         stage.failure_kind = ""
-        stage.next_attempt_at = now
+        stage.next_attempt_at = stage.db_now
         stage.enqueued_at = None
         stage.finished_at = None
         stage.save(
@@ -207,7 +224,7 @@ def stage_skip_backoff(*, stage: Stage) -> bool:
     """Skip what remains of a ready stage's backoff."""
     return bool(
         Stage.objects.filter(id=stage.id, status=StageStatus.READY).update(
-            next_attempt_at=timezone.now(), enqueued_at=None
+            next_attempt_at=Now(), enqueued_at=None
         )
     )
 
@@ -240,10 +257,10 @@ def stage_claim(*, stage_id: int, worker: str) -> Claim | None:
 
     PostgreSQL locks the row with SKIP LOCKED so that racing workers never wait on each other;
     elsewhere the conditional UPDATE alone decides who wins."""
-    now = timezone.now()
-    stage = Stage.objects.select_related("run").filter(id=stage_id).first()
+    stage = Stage.objects.select_related("run").filter(id=stage_id).annotate(db_now=Now()).first()
     if stage is None or stage.status != StageStatus.READY:
         return None
+    now: datetime = stage.db_now  # read with the row: the attempt's start and deadline
     if stage.next_attempt_at is not None and stage.next_attempt_at > now:
         return None
     deadline = policy.attempt_deadline(_spec(stage).policy, started_at=now)
@@ -294,23 +311,23 @@ def stage_claim(*, stage_id: int, worker: str) -> Claim | None:
     )
 
 
-def _held(claim: Claim, now: datetime) -> QuerySet[Stage]:
+def _held(claim: Claim) -> QuerySet[Stage]:
     """The stage row, only while `claim` still holds an unexpired lease on it."""
     return Stage.objects.filter(
         id=claim.stage_id,
         status=StageStatus.RUNNING,
         attempt_count=claim.attempt_number,
-        lease_expires_at__gte=now,
+        lease_expires_at__gte=Now(),
     )
 
 
 def stage_heartbeat(claim: Claim) -> None:
     """Extend the lease (never past the attempt's deadline); raise if it is no longer ours."""
-    now = timezone.now()
+    now = db_now()
     if now >= claim.deadline:
         raise AttemptTimedOut(f"stage {claim.stage_name} ran past its start-to-close timeout")
     until = policy.lease_until(now=now, deadline=claim.deadline, lease_seconds=_lease_seconds())
-    if not _held(claim, now).update(lease_expires_at=until):
+    if not _held(claim).update(lease_expires_at=until):
         raise LeaseLost(
             f"attempt {claim.attempt_number} of {claim.stage_name} lost its lease "
             "(expired, cancelled, or taken by a newer attempt)"
@@ -320,7 +337,7 @@ def stage_heartbeat(claim: Claim) -> None:
 def stage_progress_save(claim: Claim, *, done: int, total: int | None) -> None:
     """Note how far the attempt has got; only while it holds its lease (a zombie's progress
     would be a lie)."""
-    if not _held(claim, timezone.now()).update(progress_done=done, progress_total=total):
+    if not _held(claim).update(progress_done=done, progress_total=total):
         raise LeaseLost(f"attempt {claim.attempt_number} of {claim.stage_name} lost its lease")
 
 
@@ -328,17 +345,16 @@ def attempt_complete(
     claim: Claim, *, output: dict[str, Any], usage: AttemptUsage | None = None
 ) -> Stage | None:
     """Commit the output and `succeeded` together; open the next stage and return it."""
-    now = timezone.now()
     spec = workflow_get(claim.workflow).stage(claim.stage_name)
     # The executor validated `output` already; read it back only for the spec's own readers.
     wanted = spec.output is not None and (spec.on_success or spec.flagged)
     model = spec.output.model_validate(output) if wanted and spec.output else None
     with transaction.atomic():
-        if not _held(claim, now).update(
+        if not _held(claim).update(
             status=StageStatus.SUCCEEDED,
             output=output,
             flagged=spec.flagged(model) if spec.flagged is not None else 0,
-            finished_at=now,
+            finished_at=Now(),
             lease_owner="",
             lease_expires_at=None,
             error_code="",
@@ -349,26 +365,41 @@ def attempt_complete(
                 "its lease; its output was discarded"
             )
         Attempt.objects.filter(id=claim.attempt_id).update(
-            status=AttemptStatus.SUCCEEDED, finished_at=now, **(usage or AttemptUsage()).columns()
+            status=AttemptStatus.SUCCEEDED, finished_at=Now(), **(usage or AttemptUsage()).columns()
         )
         if spec.on_success is not None:
             spec.on_success(Run.objects.get(id=claim.run_id), model)
-        next_stage = (
-            Stage.objects.filter(run_id=claim.run_id, position__gt=claim.position)
-            .exclude(status=StageStatus.SUCCEEDED)
-            .order_by("position")
-            .only("id", "name")
-            .first()
-        )
+        next_stage = stage_after(claim)
         if next_stage is None:
             Run.objects.filter(id=claim.run_id, status=RunStatus.RUNNING).update(
-                status=RunStatus.SUCCEEDED, finished_at=now
+                status=RunStatus.SUCCEEDED, finished_at=Now()
             )
             return None
         Stage.objects.filter(id=next_stage.id, status=StageStatus.PENDING).update(
-            status=StageStatus.READY, next_attempt_at=now, enqueued_at=None
+            status=StageStatus.READY, next_attempt_at=Now(), enqueued_at=None
         )
         return next_stage
+
+
+def attempt_succeeded(claim: Claim) -> bool:
+    """Whether the attempt's completion is committed. A database error while completing leaves
+    that unknown: COMMIT may have reached the database and only its acknowledgement been lost.
+    Raises while the database cannot be reached, when the outcome is still unknown."""
+    if not connection.in_atomic_block:
+        # The error may have left this connection dead; a fresh one can answer.
+        connection.close_if_unusable_or_obsolete()
+    return Attempt.objects.filter(id=claim.attempt_id, status=AttemptStatus.SUCCEEDED).exists()
+
+
+def stage_after(claim: Claim) -> Stage | None:
+    """The stage that follows the claim's: the first later one without a committed output."""
+    return (
+        Stage.objects.filter(run_id=claim.run_id, position__gt=claim.position)
+        .exclude(status=StageStatus.SUCCEEDED)
+        .order_by("position")
+        .only("id", "name")
+        .first()
+    )
 
 
 def attempt_fail(
@@ -376,7 +407,6 @@ def attempt_fail(
 ) -> Stage | None:
     """Record a failed attempt and what the policy decided: the next attempt's time, or the
     stage's end. None if this attempt was fenced out."""
-    now = timezone.now()
     with transaction.atomic():
         stage = (
             Stage.objects.select_for_update()
@@ -386,10 +416,12 @@ def attempt_fail(
                 status=StageStatus.RUNNING,
                 attempt_count=claim.attempt_number,
             )
+            .annotate(db_now=Now())
             .first()
         )
         if stage is None:
             return None
+        now: datetime = stage.db_now
         Attempt.objects.filter(id=claim.attempt_id).update(
             status=AttemptStatus.FAILED,
             finished_at=now,
@@ -444,9 +476,8 @@ class ExpiredLease:
 
 def stages_lease_expired() -> list[ExpiredLease]:
     """Running stages whose lease has expired, with what the policy needs to judge them."""
-    now = timezone.now()
     rows = list(
-        Stage.objects.filter(status=StageStatus.RUNNING, lease_expires_at__lt=now).values(
+        Stage.objects.filter(status=StageStatus.RUNNING, lease_expires_at__lt=Now()).values(
             "id",
             "run_id",
             "run__workflow",
@@ -464,7 +495,7 @@ def stages_lease_expired() -> list[ExpiredLease]:
     expired = []
     for row in rows:
         lease_expires_at = row["lease_expires_at"]
-        assert lease_expires_at is not None  # the filter above is lease_expires_at__lt=now
+        assert lease_expires_at is not None  # the filter above is lease_expires_at__lt=Now()
         expired.append(
             ExpiredLease(
                 stage_id=row["id"],
@@ -483,7 +514,6 @@ def stages_lease_expired() -> list[ExpiredLease]:
 def stage_reap(expired: ExpiredLease, failure: Failure, decision: Decision) -> Stage | None:
     """Take a stage back from its vanished worker: its attempt is marked lost and the stage
     retried or failed as decided. None if it moved on meanwhile (the worker came back)."""
-    now = timezone.now()
     with transaction.atomic():
         stage = (
             Stage.objects.select_for_update()
@@ -491,12 +521,14 @@ def stage_reap(expired: ExpiredLease, failure: Failure, decision: Decision) -> S
                 id=expired.stage_id,
                 status=StageStatus.RUNNING,
                 attempt_count=expired.attempt_number,
-                lease_expires_at__lt=now,
+                lease_expires_at__lt=Now(),
             )
+            .annotate(db_now=Now())
             .first()
         )
         if stage is None:
             return None
+        now: datetime = stage.db_now
         Attempt.objects.filter(
             stage=stage, number=expired.attempt_number, status=AttemptStatus.RUNNING
         ).update(
@@ -511,7 +543,7 @@ def stage_reap(expired: ExpiredLease, failure: Failure, decision: Decision) -> S
 
 def stages_due(*, requeue_after_seconds: float) -> list[Stage]:
     """Ready stages whose time has come and that no live queue message is known to carry."""
-    now = timezone.now()
+    now = db_now()
     stale = now - timedelta(seconds=requeue_after_seconds)
     return list(
         Stage.objects.filter(status=StageStatus.READY, next_attempt_at__lte=now)
@@ -524,7 +556,7 @@ def stages_due(*, requeue_after_seconds: float) -> list[Stage]:
 def stages_mark_enqueued(stage_ids: list[int]) -> list[Stage]:
     """Note that a wake-up message is on its way for these stages; return them with their run."""
     stages = list(Stage.objects.filter(id__in=stage_ids).select_related("run"))
-    Stage.objects.filter(id__in=[stage.id for stage in stages]).update(enqueued_at=timezone.now())
+    Stage.objects.filter(id__in=[stage.id for stage in stages]).update(enqueued_at=Now())
     return stages
 
 
@@ -533,9 +565,8 @@ def stages_mark_enqueued(stage_ids: list[int]) -> list[Stage]:
 
 def checkpoint_save(claim: Claim, *, key: str, value: Any) -> None:
     """Keep a finished piece of work, only while this attempt still holds the lease."""
-    now = timezone.now()
     with transaction.atomic():
-        if not _held(claim, now).exists():
+        if not _held(claim).exists():
             raise LeaseLost(f"attempt {claim.attempt_number} of {claim.stage_name} lost its lease")
         try:
             with transaction.atomic():
@@ -555,7 +586,10 @@ def checkpoints_load(claim: Claim, *, prefix: str = "") -> dict[str, Any]:
 
 
 def llm_call_find(claim: Claim, *, digest: str) -> LLMCall | None:
-    return LLMCall.objects.filter(stage_id=claim.stage_id, digest=digest).first()
+    """The answer recorded first for this request in the claim's stage, if any."""
+    return LLMCall.objects.filter(
+        stage_id=claim.stage_id, digest=digest, duplicate_of__isnull=True
+    ).first()
 
 
 def llm_call_record(
@@ -568,9 +602,13 @@ def llm_call_record(
     output_tokens: int,
     cost_usd: Decimal,
     duration_ms: int,
-) -> None:
-    """Put an answered call in the ledger and on its attempt. Tokens were spent whether or not
-    this attempt still holds its lease, so this write is deliberately not fenced.
+) -> str:
+    """Put an answered call in the ledger and on its attempt; return the answer to go on with.
+
+    Tokens were spent whether or not this attempt still holds its lease, so this write is
+    deliberately not fenced. If another attempt of the stage recorded an answer to the same
+    request first, this one is kept as a duplicate (it was billed too) and the first answer is
+    returned, so that the stage goes on with one answer whichever attempt finishes it.
 
     An answer that is paid for but not recorded would be bought again by the next attempt, so a
     dropped database connection gets one more try on a fresh connection."""
@@ -584,22 +622,38 @@ def llm_call_record(
         "duration_ms": duration_ms,
     }
     try:
-        _llm_call_insert(claim, row)
+        return _llm_call_insert(claim, row)
     except (OperationalError, InterfaceError):
         if connection.in_atomic_block:
             raise
         connection.close()
-        _llm_call_insert(claim, row)
+        return _llm_call_insert(claim, row)
 
 
-def _llm_call_insert(claim: Claim, row: dict[str, Any]) -> None:
+def _llm_call_insert(claim: Claim, row: dict[str, Any]) -> str:
+    answers = LLMCall.objects.filter(stage_id=claim.stage_id, digest=row["digest"])
+    mine = {"stage_id": claim.stage_id, "attempt_id": claim.attempt_id, **row}
     with transaction.atomic():
-        LLMCall.objects.create(stage_id=claim.stage_id, attempt_id=claim.attempt_id, **row)
+        try:
+            with transaction.atomic():
+                LLMCall.objects.create(**mine)
+            answer: str = row["content"]
+        except IntegrityError:
+            first = answers.filter(duplicate_of__isnull=True).first()
+            if first is None:
+                raise  # not the memo's constraint: nothing to resolve here
+            if answers.filter(attempt_id=claim.attempt_id).exists():
+                # The first try of this insert committed although its connection dropped:
+                # this answer is in the ledger and on the attempt already.
+                return first.content
+            LLMCall.objects.create(duplicate_of=first, **mine)
+            answer = first.content
         Attempt.objects.filter(id=claim.attempt_id).update(
             input_tokens=F("input_tokens") + row["input_tokens"],
             output_tokens=F("output_tokens") + row["output_tokens"],
             cost_usd=F("cost_usd") + row["cost_usd"],
         )
+    return answer
 
 
 def _cost_of_stages_before(run_id: int, position: int) -> dict[str, Any]:
