@@ -263,8 +263,13 @@ OPENAI_API_KEY = env_str("OPENAI_API_KEY", "")
 OPENAI_BASE_URL = env_str("OPENAI_BASE_URL", "") or None
 LLM_MODEL = env_str("LLM_MODEL", "gpt-4o-mini")
 LLM_REQUEST_TIMEOUT_SECONDS = env_float("LLM_REQUEST_TIMEOUT_SECONDS", 120.0)
-# Per-run ceiling on LLM tokens; a run that would pass it fails permanently, never silently.
-LLM_RUN_TOKEN_BUDGET = env_int("LLM_RUN_TOKEN_BUDGET", 200_000)
+# Spend limits (pipeline/budgets.py): the answer tokens one request may ask for; the tokens
+# one visit may spend over all its runs, re-runs included; the dollars the organisation may
+# spend a day (UTC; 0: no daily limit). Past a limit, a stage fails permanently, never
+# silently, and the dashboard says what is left.
+LLM_MAX_OUTPUT_TOKENS = env_int("LLM_MAX_OUTPUT_TOKENS", 4096)
+LLM_SUBJECT_TOKEN_BUDGET = env_int("LLM_SUBJECT_TOKEN_BUDGET", 200_000)
+LLM_DAILY_BUDGET_USD = env_float("LLM_DAILY_BUDGET_USD", 50.0)
 LLM_PRICE_TABLE = Path(env_str("LLM_PRICE_TABLE", str(BASE_DIR / "fixtures" / "prices.json")))
 # Route transcription to its own django-q2 cluster (e.g. dedicated hosts); empty = default.
 TRANSCRIBE_QUEUE = env_str("TRANSCRIBE_QUEUE", "")

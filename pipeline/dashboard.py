@@ -39,6 +39,7 @@ from django.db.models.functions import TruncDate
 from django.utils import timezone
 from pydantic import BaseModel, ConfigDict
 
+from pipeline.budgets import DailyBudget, SubjectSpend, daily_budget, subjects_nearest_budget
 from pipeline.models import Attempt, AuditEntry, LLMCall, OperatorAction, Run, Stage
 from pipeline.selectors import AttemptTotals, LedgerTotals, attempt_sums, ledger_sums
 from pipeline.states import AttemptStatus, FailureKind, StageStatus
@@ -120,6 +121,8 @@ class Dashboard(_Figures):
     # Items of stage outputs a person must review, by stage (outputs made in the window).
     flagged_by_stage: list[Tally]
     flagged_total: int
+    budget_today: DailyBudget
+    subjects_nearest_budget: list[SubjectSpend]
 
     @property
     def audio_hours(self) -> float:
@@ -402,7 +405,8 @@ def flagged_by_stage(*, since: datetime) -> list[Tally]:
 
 
 def dashboard_get(*, days: int = DEFAULT_WINDOW_DAYS, now: datetime | None = None) -> Dashboard:
-    """Everything the dashboard shows for the last `days` whole days, in ten queries."""
+    """Everything the dashboard shows for the last `days` whole days, in twelve queries
+    (ten for the window, two for the budgets, which are not bounded by it)."""
     until = now or timezone.now()
     since = window_start(days=days, now=until)
     labels = _StageLabels()
@@ -472,4 +476,6 @@ def dashboard_get(*, days: int = DEFAULT_WINDOW_DAYS, now: datetime | None = Non
         operator_actions_total=sum(r.count for r in actions),
         flagged_by_stage=flagged,
         flagged_total=sum(r.count for r in flagged),
+        budget_today=daily_budget(until),
+        subjects_nearest_budget=subjects_nearest_budget(),
     )

@@ -24,9 +24,9 @@ from openai.types.chat import ChatCompletionMessageParam
 from pydantic import BaseModel, ValidationError
 
 from pipeline import prices, store
-from pipeline.errors import BudgetExceeded, OutputInvalid, PermanentError, TransientError
+from pipeline.budgets import spend_allowed
+from pipeline.errors import OutputInvalid, PermanentError, TransientError
 from pipeline.policy import http_status_is_transient, retry_after_seconds
-from pipeline.selectors import usage_totals
 
 if TYPE_CHECKING:
     from pipeline.context import StageContext
@@ -196,20 +196,17 @@ class LLMGateway:
             self._ctx.usage.saved_cost_usd += found.cost_usd
             return found.content
         self._ctx.heartbeat()
-        budget = int(settings.LLM_RUN_TOKEN_BUDGET)
-        spent = usage_totals(run_ids=[claim.run_id], ledger_only=True).total_tokens
-        if spent >= budget:
-            raise BudgetExceeded(
-                f"this run has used {spent} LLM tokens, its budget is {budget} "
-                "(LLM_RUN_TOKEN_BUDGET); raise the budget or shorten the recording"
-            )
+        spend_allowed(subject=claim.subject)
         client = _client(
             settings.OPENAI_API_KEY, settings.OPENAI_BASE_URL, settings.LLM_REQUEST_TIMEOUT_SECONDS
         )
         started = time.monotonic()
         try:
             completion = client.chat.completions.create(
-                model=model, messages=messages, response_format=response_format
+                model=model,
+                messages=messages,
+                response_format=response_format,
+                max_tokens=int(settings.LLM_MAX_OUTPUT_TOKENS),
             )
         except openai.OpenAIError as exc:
             raise classify_openai_error(exc) from exc

@@ -49,6 +49,7 @@ class Claim:
     started_at: datetime
     deadline: datetime
     run_input: dict[str, Any]
+    subject: str  # the run's subject: what spend limits and ownership are counted by
 
 
 @dataclass
@@ -308,6 +309,7 @@ def stage_claim(*, stage_id: int, worker: str) -> Claim | None:
         started_at=now,
         deadline=deadline,
         run_input=stage.run.input,
+        subject=stage.run.subject,
     )
 
 

@@ -53,6 +53,7 @@ class RecordedRequest:
     answered_at: float | None = None  # when a 200 with content (ok or malformed) was booked
     prompt_tokens: int = 0  # billed tokens: 0 unless answered
     completion_tokens: int = 0
+    max_tokens: int | None = None  # the answer's length the request allowed, as sent
 
     @property
     def answered(self) -> bool:
@@ -240,7 +241,13 @@ class FakeLLMServer:
         """Apply the next fault to one request. A hook for ChaosLLMServer."""
         with self._lock:
             fault = self._next_fault()
-            record = RecordedRequest(request_digest(body), body["model"], fault, time.monotonic())
+            record = RecordedRequest(
+                request_digest(body),
+                body["model"],
+                fault,
+                time.monotonic(),
+                max_tokens=body.get("max_tokens"),
+            )
             self._requests.append(record)
         if fault in ("timeout", "disconnect"):
             if fault == "timeout":

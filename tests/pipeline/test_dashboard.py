@@ -472,7 +472,8 @@ def test_the_page_runs_a_bounded_number_of_queries(admin_client, django_assert_m
         ]
     )
 
-    with django_assert_max_num_queries(12):
+    # Ten for the window, two for the budgets, and the session and its user.
+    with django_assert_max_num_queries(14):
         response = admin_client.get(URL)
 
     assert response.status_code == 200
@@ -504,3 +505,35 @@ def test_nice_ceiling_and_number_formats():
     ]
     assert charts.compact(1234) == "1.2k" and charts.compact(3_400_000) == "3.4M"
     assert charts.dollars(12.5) == "$12.50" and charts.dollars(0.0123) == "$0.0123"
+
+
+def test_the_budgets_show_what_is_left_and_warn_when_the_day_is_spent(admin_client, settings):
+    run = Run.objects.create(workflow="visit", subject="visit:7", status=RunStatus.SUCCEEDED)
+    stage = Stage.objects.create(run=run, name="summarize", position=0)
+    attempt = Attempt.objects.create(
+        stage=stage, number=1, status=AttemptStatus.SUCCEEDED, started_at=timezone.now()
+    )
+    LLMCall.objects.create(
+        stage=stage,
+        attempt=attempt,
+        digest="d",
+        model="gpt-4o-mini",
+        content="{}",
+        input_tokens=900,
+        output_tokens=100,
+        cost_usd=Decimal("9.5"),
+    )
+    settings.LLM_SUBJECT_TOKEN_BUDGET = 1500
+
+    settings.LLM_DAILY_BUDGET_USD = 100
+    calm = admin_client.get(URL).content.decode()
+    settings.LLM_DAILY_BUDGET_USD = 10
+    nearly = admin_client.get(URL).content.decode()
+    settings.LLM_DAILY_BUDGET_USD = 9
+    spent = admin_client.get(URL).content.decode()
+
+    assert "$90.50 left" in calm and "budget is" not in calm
+    assert "nearly spent" in nearly and "$0.50 of $10.00 left" in nearly
+    assert "Today's LLM budget is spent" in spent and "$0.00 left" in spent
+    # The visit's 1,000 tokens of 1,500, all runs together.
+    assert "<td>visit:7</td><td>1,000</td><td>500</td>" in calm

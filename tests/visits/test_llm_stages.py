@@ -22,7 +22,7 @@ from tests.fakes.llm_server import FakeLLMServer, default_content
 from visits import offline
 from visits.models import Visit
 from visits.selectors import visit_status_document
-from visits.services import visit_create, visit_retry, visit_start
+from visits.services import visit_create, visit_rerun_from, visit_retry, visit_start
 
 # Real commits: the heartbeat thread uses its own connection and must see the stage rows.
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -473,7 +473,7 @@ def test_run_retry_resends_only_the_call_that_never_got_an_answer(clinician, llm
 
 
 def test_token_budget_stops_the_next_llm_stage_permanently(clinician, llm_server, settings):
-    settings.LLM_RUN_TOKEN_BUDGET = 10
+    settings.LLM_SUBJECT_TOKEN_BUDGET = 10
 
     visit = run_visit(clinician)
 
@@ -486,13 +486,52 @@ def test_token_budget_stops_the_next_llm_stage_permanently(clinician, llm_server
     spent = sum(llm_server.billed())
     assert spent > 10
     assert note.error_message == (
-        f"this run has used {spent} LLM tokens, its budget is 10 (LLM_RUN_TOKEN_BUDGET); "
-        "raise the budget or shorten the recording"
+        f"visit:{visit.pk} has used {spent:,} LLM tokens over all its runs; its budget is 10 "
+        "(LLM_SUBJECT_TOKEN_BUDGET). Raise the budget, or shorten the recording."
     )
     (attempt,) = attempts_of(visit, "note")
     assert (attempt.status, attempt.error_code) == (AttemptStatus.FAILED, "budget_exceeded")
     assert faults(llm_server) == ["ok"]  # the note's request was never sent
     assert visit_status_document(visit).model_dump(mode="json")["note"] is None
+
+
+def test_the_visit_budget_counts_every_run_of_the_visit_re_runs_included(
+    clinician, llm_server, settings
+):
+    visit = run_visit(clinician)
+    spent = sum(llm_server.billed())
+    assert visit.current_run.status == RunStatus.SUCCEEDED
+    # What the first run spent is the whole budget: a re-run may not start afresh.
+    settings.LLM_SUBJECT_TOKEN_BUDGET = spent
+
+    visit_rerun_from(visit=visit, stage="summarize", actor=None, reason="new prompt", inline=True)
+
+    visit.refresh_from_db()
+    assert stage_of(visit, "summarize").error_code == "budget_exceeded"
+    assert "over all its runs" in stage_of(visit, "summarize").error_message
+    assert len(llm_server.requests) == 2  # the first run's two; the re-run sent none
+
+
+def test_the_daily_budget_stops_new_calls_once_spent(clinician, llm_server, settings):
+    settings.LLM_DAILY_BUDGET_USD = 0.000001  # the first answer spends it
+
+    visit = run_visit(clinician)
+
+    assert stage_of(visit, "summarize").status == StageStatus.SUCCEEDED
+    note = stage_of(visit, "note")
+    assert (note.status, note.error_code) == (StageStatus.FAILED, "budget_exceeded")
+    assert note.error_message.startswith(
+        "The organisation's LLM budget for today ($0.00, LLM_DAILY_BUDGET_USD) is spent"
+    )
+    assert faults(llm_server) == ["ok"]
+
+
+def test_every_request_limits_the_length_of_its_answer(clinician, llm_server, settings):
+    settings.LLM_MAX_OUTPUT_TOKENS = 1234
+
+    run_visit(clinician)
+
+    assert [r.max_tokens for r in llm_server.requests] == [1234, 1234]
 
 
 # --- no key: the offline engine -------------------------------------------------------------
