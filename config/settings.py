@@ -40,6 +40,8 @@ INSTALLED_APPS = [
     "django_q",
     "axes",
     "csp",
+    "django_otp",
+    "django_otp.plugins.otp_totp",
     "pipeline",
     "visits",
 ]
@@ -52,6 +54,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django_otp.middleware.OTPMiddleware",
+    "config.second_factor.SecondFactorMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
@@ -156,6 +160,11 @@ CONTENT_SECURITY_POLICY = {
         "form-action": [SELF],
     }
 }
+
+# A second factor (a one-time code, config/second_factor.py) for every staff session: staff
+# read every visit or change the pipeline. On by default wherever DEBUG is off.
+REQUIRE_STAFF_MFA = env_bool("REQUIRE_STAFF_MFA", default=not DEBUG)
+OTP_TOTP_ISSUER = "visit-pipeline"
 
 # Sign-in throttling (django-axes): after AXES_FAILURE_LIMIT wrong passwords for one username
 # from one address, that pair is locked out for AXES_COOLOFF_MINUTES, and the lockout is in

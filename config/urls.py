@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
+from config import second_factor
 from pipeline import views as pipeline_views
 
 urlpatterns = [
@@ -9,6 +10,7 @@ urlpatterns = [
     path("readyz", pipeline_views.readyz, name="readyz"),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("accounts/second-factor/", second_factor.second_factor, name="second_factor"),
     path("admin/", admin.site.urls),
     path("ops/", include("pipeline.urls")),
     path("", include("visits.urls")),
