@@ -150,6 +150,11 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "visits:list"
 LOGOUT_REDIRECT_URL = "login"
 
+# /metrics (Prometheus) answers a scraper presenting METRICS_TOKEN as a bearer token, or one
+# at an address on METRICS_ALLOWED_IPS; anyone else gets 403.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
+METRICS_ALLOWED_IPS = env_list("METRICS_ALLOWED_IPS", ["127.0.0.1", "::1"])
+
 # Content-Security-Policy (django-csp), on every response: only the app's own scripts, styles,
 # images, media and requests; no inline script or style, no eval, no plugins, no framing, no
 # form posted elsewhere. The one exception is images from data: URLs, which Django's admin
@@ -204,7 +209,7 @@ if not DEBUG:
     CSRF_COOKIE_SECURE = True
     SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
     # Probes come from inside the deployment, over plain HTTP, and carry nothing private.
-    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
     SECURE_HSTS_SECONDS = env_int("DJANGO_SECURE_HSTS_SECONDS", 31536000)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = True

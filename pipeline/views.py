@@ -1,20 +1,24 @@
-"""The operations dashboard: one page, staff only, reads only."""
+"""The operations dashboard (staff only, reads only), the probes and the metrics."""
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from functools import wraps
 from typing import Any
 
+from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_safe
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from pipeline import charts
 from pipeline.dashboard import DEFAULT_WINDOW_DAYS, MAX_WINDOW_DAYS, Dashboard, dashboard_get
 from pipeline.health import readiness
+from pipeline.metrics import PipelineCollector
 
 WINDOW_CHOICES = (1, 7, 30, 90)
 
@@ -105,3 +109,23 @@ def readyz(request: HttpRequest) -> HttpResponse:
     """Database, migrations, broker and a worker cluster (for a readiness probe); 503 if not."""
     ready = readiness()
     return JsonResponse(ready.model_dump(), status=200 if ready.ready else 503)
+
+
+_registry = CollectorRegistry(auto_describe=False)
+_registry.register(PipelineCollector())
+
+
+@require_safe
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus metrics, for the scraper only: a bearer token (METRICS_TOKEN) or an address
+    on METRICS_ALLOWED_IPS. Nothing in them names a visit or what it contains."""
+    token = settings.METRICS_TOKEN
+    presented = request.headers.get("Authorization", "")
+    by_token = bool(token) and hmac.compare_digest(presented, f"Bearer {token}")
+    if not by_token and request.META.get("REMOTE_ADDR") not in settings.METRICS_ALLOWED_IPS:
+        return HttpResponse(
+            "Metrics need METRICS_TOKEN as a bearer token, or an address on METRICS_ALLOWED_IPS.\n",
+            status=403,
+            content_type="text/plain; charset=utf-8",
+        )
+    return HttpResponse(generate_latest(_registry), content_type=CONTENT_TYPE_LATEST)
