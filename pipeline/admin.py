@@ -1,16 +1,26 @@
-"""Read-only admin for the engine's tables: every change goes through an audited action."""
+"""Read-only admin for the engine's tables: every change goes through an audited action.
+
+What a domain hands the engine and gets back (stage outputs, model answers, checkpoints, error
+messages, tracebacks) may be PHI: each admin names those columns in `phi_fields`, and only
+people with `pipeline.view_phi` see them or search them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from functools import cache
 from typing import TYPE_CHECKING, Any
 
+from django import forms
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.html import format_html
 
-from pipeline.models import Attempt, AuditEntry, LLMCall, Run, Stage
+from pipeline.errors import PipelineError
+from pipeline.model_policies import policy_check, policy_publish
+from pipeline.models import Attempt, AuditEntry, LLMCall, ModelPolicy, Run, Stage
 from pipeline.selectors import STAGE_STATES, filter_stage_state
 
 if TYPE_CHECKING:
@@ -18,12 +28,47 @@ if TYPE_CHECKING:
     # be subscripted at run time, so the parameters exist only for the type checker.
     _ModelAdmin = admin.ModelAdmin[Any]
     _TabularInline = admin.TabularInline[Any, Any]
+    _ModelForm = forms.ModelForm[Any]
 else:
     _ModelAdmin = admin.ModelAdmin
     _TabularInline = admin.TabularInline
+    _ModelForm = forms.ModelForm
 
 
-class ReadOnlyAdmin(_ModelAdmin):
+VIEW_PHI_PERMISSION = "pipeline.view_phi"
+PHI_HIDDEN = "hidden: needs the view_phi permission"
+
+
+def can_view_phi(request: HttpRequest) -> bool:
+    return request.user.has_perm(VIEW_PHI_PERMISSION)
+
+
+@cache
+def _phi_hidden(name: str) -> Callable[[Any], str]:
+    """The column that stands in for PHI column `name`. One per name: a page's fields and its
+    read-only fields must name the same one."""
+
+    @admin.display(description=name.replace("_", " "))
+    def hidden(obj: Any) -> str:
+        return PHI_HIDDEN
+
+    return hidden
+
+
+class PHIGate:
+    """`phi_fields` are shown, and `phi_search_fields` searched, only with the permission;
+    without it a PHI column reads `PHI_HIDDEN` and a search never looks at PHI."""
+
+    phi_fields: tuple[str, ...] = ()
+    phi_search_fields: tuple[str, ...] = ()
+
+    def phi_gated(self, request: HttpRequest, names: Sequence[Any]) -> list[Any]:
+        if can_view_phi(request):
+            return list(names)
+        return [_phi_hidden(name) if name in self.phi_fields else name for name in names]
+
+
+class ReadOnlyAdmin(PHIGate, _ModelAdmin):
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
@@ -33,11 +78,22 @@ class ReadOnlyAdmin(_ModelAdmin):
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
 
-    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:
-        return [field.name for field in self.model._meta.fields]
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[Any]:
+        return self.phi_gated(request, [field.name for field in self.model._meta.fields])
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> list[Any]:
+        # Every field is read-only; listing them here keeps a hidden one out of the form too.
+        return self.get_readonly_fields(request, obj)
+
+    def get_list_display(self, request: HttpRequest) -> list[Any]:
+        return self.phi_gated(request, super().get_list_display(request))
+
+    def get_search_fields(self, request: HttpRequest) -> list[str]:
+        phi = self.phi_search_fields if can_view_phi(request) else ()
+        return [*super().get_search_fields(request), *phi]
 
 
-class ReadOnlyInline(_TabularInline):
+class ReadOnlyInline(PHIGate, _TabularInline):
     extra = 0
     can_delete = False
     show_change_link = True
@@ -47,6 +103,12 @@ class ReadOnlyInline(_TabularInline):
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+    def get_fields(self, request: HttpRequest, obj: Any = None) -> list[Any]:
+        return self.phi_gated(request, super().get_fields(request, obj))
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[Any]:
+        return self.phi_gated(request, super().get_readonly_fields(request, obj))
 
 
 class StageStateFilter(admin.SimpleListFilter):
@@ -95,6 +157,7 @@ class AttemptInline(ReadOnlyInline):
         "traceback",
     )
     readonly_fields = fields
+    phi_fields = ("error_message", "traceback")
 
     duration = attempt_duration
 
@@ -126,6 +189,7 @@ class RunAdmin(ReadOnlyAdmin):
     ]
     list_filter = ["status", "workflow", ("forked_from", admin.EmptyFieldListFilter), "created_at"]
     search_fields = ["subject"]
+    phi_fields = phi_search_fields = ("error",)
     date_hierarchy = "created_at"
     list_select_related = ["forked_from"]
     inlines = [StageInline]
@@ -147,6 +211,8 @@ class StageAdmin(ReadOnlyAdmin):
     list_filter = [StageStateFilter, "status", "failure_kind", "name", "error_code"]
     list_select_related = ["run"]
     search_fields = ["run__subject"]
+    phi_fields = ("output", "error_message")
+    phi_search_fields = ("error_message",)
     inlines = [AttemptInline]
 
 
@@ -168,6 +234,8 @@ class AttemptAdmin(ReadOnlyAdmin):
     list_filter = ["status", "error_code", "stage__name", "started_at"]
     list_select_related = ["stage"]
     date_hierarchy = "started_at"
+    search_fields = ["stage__run__subject"]
+    phi_fields = phi_search_fields = AttemptInline.phi_fields
 
     @admin.display(description="stage")
     def stage_link(self, attempt: Attempt) -> str:
@@ -195,6 +263,9 @@ class LLMCallAdmin(ReadOnlyAdmin):
     ]
     list_filter = ["model", "stage__name", "created_at"]
     list_select_related = ["stage", "attempt", "attempt__stage"]
+    search_fields = ["stage__run__subject"]
+    # Answers are not searched, even with the permission: a scan of every answer ever given.
+    phi_fields = ("content",)
 
 
 @admin.register(AuditEntry)
@@ -205,3 +276,80 @@ class AuditEntryAdmin(ReadOnlyAdmin):
     list_filter = ["action", "created_at"]
     search_fields = ["actor_label", "reason", "run__subject"]
     list_select_related = ["run", "new_run"]
+
+
+class ModelPolicyForm(_ModelForm):
+    allowed = forms.CharField(
+        label="Allowed models",
+        help_text="Comma-separated; each must have a row in the price table.",
+    )
+
+    class Meta:
+        model = ModelPolicy
+        fields = ["workflow", "stage", "allowed", "default_model", "reason"]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if self.errors:
+            return data
+        try:
+            data["allowed_models"] = policy_check(
+                workflow=data["workflow"],
+                stage=data["stage"],
+                allowed=data["allowed"].split(","),
+                default=data["default_model"],
+                reason=data["reason"],
+                on=timezone.now().date(),
+            )
+        except PipelineError as exc:
+            raise forms.ValidationError(str(exc)) from exc
+        return data
+
+
+@admin.register(ModelPolicy)
+class ModelPolicyAdmin(_ModelAdmin):
+    """Which models each stage may ask. "Add" publishes a new version; the versions before it
+    stay as the policy's history (who, when, why). Nothing is edited or deleted."""
+
+    form = ModelPolicyForm
+    list_display = [
+        "workflow",
+        "stage",
+        "version",
+        "allowed",
+        "default_model",
+        "created_by_label",
+        "created_at",
+        "reason",
+    ]
+    list_filter = ["workflow", "stage"]
+    readonly_fields = ["version", "created_by_label", "created_at"]
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="allowed models")
+    def allowed(self, policy: ModelPolicy) -> str:
+        return ", ".join(policy.allowed_models)
+
+    def save_form(self, request: HttpRequest, form: Any, change: bool) -> ModelPolicy:
+        # Published here, as a new version, by the one service that decides versions.
+        data = form.cleaned_data
+        return policy_publish(
+            workflow=data["workflow"],
+            stage=data["stage"],
+            allowed=data["allowed_models"],
+            default=data["default_model"],
+            reason=data["reason"],
+            user=request.user,
+            on=timezone.now().date(),
+        )
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        """Already saved by `save_form`: a policy is never saved twice or edited."""
+
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        """A policy has no related rows to save."""

@@ -6,7 +6,9 @@ from typing import Any
 
 from django.conf import settings
 from django.core import checks
+from django.utils import timezone
 
+from pipeline import prices
 from pipeline.dispatch import task_timeout_seconds
 from pipeline.workflow import workflows_all
 
@@ -75,4 +77,24 @@ def check_stage_outputs(app_configs: Any = None, **kwargs: Any) -> list[checks.C
         for workflow in workflows_all()
         for stage in workflow.stages
         if stage.output is None
+    ]
+
+
+@checks.register()
+def check_default_model_priced(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """With a model configured, LLM_MODEL must have a price today: refused at start-up rather
+    than at the first call, and never recorded at $0."""
+    if not settings.OPENAI_API_KEY:
+        return []  # the offline engine answers; nothing is billed
+    today = timezone.now().date()
+    if prices.price_for(settings.LLM_MODEL, today) is not None:
+        return []
+    return [
+        checks.Error(
+            f"LLM_MODEL {settings.LLM_MODEL!r} has no price in {settings.LLM_PRICE_TABLE} on "
+            f"{today}: its calls would be recorded at $0.",
+            hint="Add the model's row (input and output USD per million tokens) to the price "
+            "table, or choose a priced model.",
+            id="pipeline.E006",
+        )
     ]

@@ -87,3 +87,15 @@ class OperationRefused(PipelineError):
 def error_code(exc: BaseException) -> str:
     """The stable code of an error: ours carry one, anything else is named by its type."""
     return exc.code if isinstance(exc, PipelineError) else type(exc).__name__
+
+
+class ModelNotAllowed(PermanentError):
+    """The run names a model its stage's policy does not allow."""
+
+    code = "model_not_allowed"
+
+
+class ModelUnpriced(PermanentError):
+    """The price table has no row for the model: its calls would be recorded at $0."""
+
+    code = "model_unpriced"

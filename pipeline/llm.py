@@ -26,6 +26,7 @@ from pydantic import BaseModel, ValidationError
 from pipeline import prices, store
 from pipeline.budgets import spend_allowed
 from pipeline.errors import OutputInvalid, PermanentError, TransientError
+from pipeline.model_policies import model_for_stage
 from pipeline.policy import http_status_is_transient, retry_after_seconds
 
 if TYPE_CHECKING:
@@ -80,11 +81,19 @@ def classify_openai_error(exc: openai.OpenAIError) -> TransientError | Permanent
                 code=code,
             )
         return PermanentError(
-            f"the LLM provider rejected the request (HTTP {status}): {exc.message}; "
+            f"the LLM provider rejected the request ({_rejection(exc)}); "
             "check LLM_MODEL and OPENAI_BASE_URL",
             code=code,
         )
     return PermanentError(f"unexpected LLM client error: {exc}", code="llm_error")
+
+
+def _rejection(exc: openai.APIStatusError) -> str:
+    """The HTTP status, and the error's type and code when they are names. Not its message:
+    a provider naming a value it refused quotes our request, a piece of a transcript."""
+    names = [str(name) for name in (exc.type, exc.code) if name]
+    kept = [name for name in names if name.isascii() and name.isidentifier()]
+    return ", ".join([f"HTTP {exc.status_code}", *kept])
 
 
 # A run whose input names a model under this key asks that one instead of LLM_MODEL (a re-run
@@ -100,8 +109,15 @@ class LLMGateway:
 
     @property
     def model(self) -> str:
-        """The model this run asks: its own, if its input names one, else LLM_MODEL."""
-        return str(self._ctx.input.get(MODEL_INPUT) or settings.LLM_MODEL)
+        """The model this stage asks: the run's own, if its input names one, else its
+        policy's default or LLM_MODEL; refused if not allowed or not priced."""
+        claim = self._ctx.claim
+        return model_for_stage(
+            workflow=claim.workflow,
+            stage=claim.stage_name,
+            asked=self._ctx.input.get(MODEL_INPUT) or None,
+            on=timezone.now().date(),
+        )
 
     def complete(
         self,

@@ -35,6 +35,11 @@ class Run(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
+        # Stage outputs, model answers, checkpoints, error messages and tracebacks hold what
+        # the domain gave the engine (a transcript, a note): the admin shows them only with it.
+        permissions = [
+            ("view_phi", "Can read stage outputs, model answers, checkpoints and tracebacks")
+        ]
         constraints = [_status_check("pipeline_run_status_valid", RunStatus)]
         indexes = [
             models.Index(fields=["subject", "-created_at"], name="pipeline_run_subject_idx"),
@@ -241,3 +246,36 @@ class AuditEntry(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_action_display()} on run {self.run_id} by {self.actor_label}"
+
+
+class ModelPolicy(models.Model):
+    """Which models a stage may ask, and which it asks unless its run names another.
+
+    One row per version: the newest row of a (workflow, stage) is in force, and a stage with no
+    row asks `LLM_MODEL`. Rows are never changed or deleted: a change is a new version, saying
+    who made it and why, so the history of what each stage was allowed is the table itself."""
+
+    workflow = models.CharField(max_length=64)
+    stage = models.CharField(max_length=64)
+    version = models.PositiveIntegerField()
+    allowed_models = models.JSONField()  # a list of model names, each in the price table
+    default_model = models.CharField(max_length=128)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_by_label = models.CharField(max_length=150)
+    reason = models.CharField(max_length=300)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["workflow", "stage", "-version"]
+        verbose_name_plural = "model policies"
+        constraints = [
+            models.UniqueConstraint(
+                fields=["workflow", "stage", "version"], name="pipeline_model_policy_version"
+            ),
+            models.CheckConstraint(condition=~Q(reason=""), name="pipeline_model_policy_reason"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.workflow}.{self.stage} v{self.version}: {', '.join(self.allowed_models)}"

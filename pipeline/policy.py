@@ -14,7 +14,14 @@ import traceback
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from pipeline.errors import AttemptTimedOut, LeaseLost, PermanentError, TransientError, error_code
+from pipeline.errors import (
+    AttemptTimedOut,
+    LeaseLost,
+    PermanentError,
+    PipelineError,
+    TransientError,
+    error_code,
+)
 from pipeline.states import FailureKind
 
 
@@ -127,11 +134,39 @@ def scrubbed(text: str) -> str:
     return _INPUT_VALUE.sub("input_value=<withheld>", text)
 
 
+def _translated(exc: BaseException) -> list[BaseException]:
+    """The foreign errors in `exc`'s chain that one of ours was raised from."""
+    found: list[BaseException] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        cause = current.__cause__
+        ours = isinstance(current, PipelineError)
+        if ours and cause is not None and not isinstance(cause, PipelineError):
+            found.append(cause)
+        suppressed = cause is not None or current.__suppress_context__
+        current = cause if suppressed else current.__context__
+    return found
+
+
+def formatted_traceback(exc: BaseException) -> str:
+    """`exc`'s traceback, chain and all. An error of ours raised from a foreign one has said in
+    its own words what happened; what the foreign one said (a provider's answer, which may
+    quote our request) is withheld, its type and stack kept."""
+    text = "".join(traceback.format_exception(exc))
+    for foreign in _translated(exc):
+        said = "".join(traceback.format_exception_only(foreign))
+        kind = said.split(":", 1)[0].rstrip("\n")
+        text = text.replace(said, f"{kind}: <message withheld>\n")
+    return scrubbed(text)
+
+
 def failure_from_exception(exc: BaseException, policy: RetryPolicy) -> Failure:
     return Failure(
         code=error_code(exc)[:64],
         message=scrubbed(str(exc)) or type(exc).__name__,
-        traceback=scrubbed("".join(traceback.format_exception(exc))),
+        traceback=formatted_traceback(exc),
         retryable=is_retryable(exc, policy),
         retry_after_seconds=exc.retry_after_seconds if isinstance(exc, TransientError) else None,
     )

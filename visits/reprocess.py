@@ -10,15 +10,13 @@ from datetime import datetime
 from decimal import Decimal
 
 from django.db.models import QuerySet
-from django.utils import timezone
 
 from pipeline.errors import OperationRefused
 from pipeline.operations import run_rerun_plan, run_retry_plan
-from pipeline.prices import price_required
 from pipeline.selectors import filter_failed_at, stage_token_averages, usage_totals
 from pipeline.states import RunStatus
 from visits.models import Visit
-from visits.services import visit_rerun_from, visit_retry
+from visits.services import rerun_model_check, visit_rerun_from, visit_retry
 from visits.stages import VISIT_WORKFLOW
 
 
@@ -105,8 +103,8 @@ def reprocess_execute(
     the OS login, see `visits.audit.command_origin`); `plans` may be wrapped
     in a progress bar. Re-runs may ask another `model` (refused before anything runs if it
     has no price) and carry a `label`."""
-    if model:
-        price_required(model, timezone.now().date())
+    if model and from_stage:
+        rerun_model_check(stage=from_stage, model=model)
     outcome = ReprocessOutcome()
     started = datetime.now().astimezone()
     touched: list[Visit] = []

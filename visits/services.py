@@ -19,6 +19,7 @@ from django.utils import timezone
 from pipeline import dispatch, executor, store
 from pipeline.errors import OperationRefused
 from pipeline.llm import MODEL_INPUT
+from pipeline.model_policies import models_check
 from pipeline.operations import (
     Operator,
     run_cancel,
@@ -26,7 +27,6 @@ from pipeline.operations import (
     run_retry_failed,
     run_skip_backoff,
 )
-from pipeline.prices import price_required
 from pipeline.selectors import run_of_subject, runs_of_subject
 from pipeline.states import RunStatus
 from visits.audit import Action, audit_record, current_origin
@@ -191,6 +191,14 @@ def visit_skip_backoff(*, visit: Visit, actor: User | AnonymousUser | None, reas
     audit_record(Action.RUN_NOW, user=actor, visit=visit, run_id=run.pk, reason=reason)
 
 
+def rerun_model_check(*, stage: str, model: str) -> None:
+    """Refuse, before any run is made, a re-run from `stage` under `model` that the stage or
+    a later one would refuse (not allowed by its policy, or not priced)."""
+    names = VISIT_WORKFLOW.stage_names
+    later = names[names.index(stage) :] if stage in names else []
+    models_check(VISIT_WORKFLOW.name, later, model, timezone.now().date())
+
+
 def visit_rerun_from(
     *,
     visit: Visit,
@@ -206,7 +214,7 @@ def visit_rerun_from(
     asks that LLM (which must be priced); `label` names the batch, for `compare`."""
     operator = _operator(actor, visit=visit, action=Action.RERUN)
     if model:
-        price_required(model, timezone.now().date())
+        rerun_model_check(stage=stage, model=model)
     with transaction.atomic():
         # Two operators re-running the visit at once: the second waits here for the first,
         # then finds the run it saw replaced, and is refused rather than forking again.

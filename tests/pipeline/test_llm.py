@@ -76,23 +76,25 @@ def test_refused_credentials_are_permanent_and_name_the_key(fake, client, fault)
 
 
 @pytest.mark.parametrize(
-    ("fault", "provider_message"),
+    ("fault", "provider_message", "kind"),
     [
-        ("400", "Injected fault: bad request."),
-        ("404", "Injected fault: model not found."),
-        ("422", "Injected fault: unprocessable entity."),
+        ("400", "Injected fault: bad request.", "invalid_request_error"),
+        ("404", "Injected fault: model not found.", "invalid_request_error, model_not_found"),
+        ("422", "Injected fault: unprocessable entity.", "invalid_request_error"),
     ],
 )
-def test_rejected_requests_are_permanent(fake, client, fault, provider_message):
+def test_rejected_requests_are_permanent(fake, client, fault, provider_message, kind):
     error = classify_openai_error(_sdk_error(fake, client, fault))
 
     assert type(error) is PermanentError
     assert not is_retryable(error)
     assert error.code == f"llm_http_{fault}"
-    assert error.message.startswith(f"the LLM provider rejected the request (HTTP {fault}): ")
-    assert provider_message in error.message
-    assert error.message.endswith("; check LLM_MODEL and OPENAI_BASE_URL")
-    assert "OPENAI_API_KEY" not in error.message
+    # The provider's status, type and code, never its message: it may quote the request.
+    assert error.message == (
+        f"the LLM provider rejected the request (HTTP {fault}, {kind}); "
+        "check LLM_MODEL and OPENAI_BASE_URL"
+    )
+    assert provider_message not in error.message
 
 
 @pytest.mark.parametrize("fault", ["408", "409", "500", "503"])
