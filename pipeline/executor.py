@@ -12,6 +12,7 @@ import os
 import socket
 import time
 
+import structlog
 from django.conf import settings
 from django.db import DatabaseError
 from django.utils import timezone
@@ -45,7 +46,18 @@ def stage_execute(stage_id: int, *, worker: str | None = None) -> None:
 
 
 def _attempt_run(claim: store.Claim) -> int | None:
-    """Run one attempt; return the id of the stage this worker should claim next, if any."""
+    """Run one attempt; return the id of the stage this worker should claim next, if any.
+    Every line logged meanwhile, here or in the stage, names the attempt (`config.logs`)."""
+    with structlog.contextvars.bound_contextvars(
+        subject=claim.subject,
+        run=claim.run_id,
+        stage=claim.stage_name,
+        attempt=claim.attempt_number,
+    ):
+        return _attempt_run_bound(claim)
+
+
+def _attempt_run_bound(claim: store.Claim) -> int | None:
     spec = workflow_get(claim.workflow).stage(claim.stage_name)
     started = time.monotonic()
     with Heartbeat(claim) as heartbeat:
