@@ -21,6 +21,7 @@ from django.utils.html import format_html
 from pipeline.errors import PipelineError
 from pipeline.model_policies import policy_check, policy_publish
 from pipeline.models import Attempt, AuditEntry, LLMCall, ModelPolicy, Run, Stage
+from pipeline.prices import price_for
 from pipeline.selectors import STAGE_STATES, filter_stage_state
 
 if TYPE_CHECKING:
@@ -318,12 +319,13 @@ class ModelPolicyAdmin(_ModelAdmin):
         "version",
         "allowed",
         "default_model",
+        "prices",
         "created_by_label",
         "created_at",
         "reason",
     ]
     list_filter = ["workflow", "stage"]
-    readonly_fields = ["version", "created_by_label", "created_at"]
+    readonly_fields = ["version", "prices", "created_by_label", "created_at"]
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
@@ -334,6 +336,21 @@ class ModelPolicyAdmin(_ModelAdmin):
     @admin.display(description="allowed models")
     def allowed(self, policy: ModelPolicy) -> str:
         return ", ".join(policy.allowed_models)
+
+    @admin.display(description="price rows in force (USD per million tokens in / out)")
+    def prices(self, policy: ModelPolicy) -> str:
+        # The rows themselves live in LLM_PRICE_TABLE, a file reviewed like code.
+        today = timezone.now().date()
+        rows = []
+        for model in policy.allowed_models or []:
+            price = price_for(model, today)
+            rows.append(
+                f"{model}: {price.input_usd_per_million} / {price.output_usd_per_million} "
+                f"(from {price.effective_from})"
+                if price
+                else f"{model}: no price"
+            )
+        return "; ".join(rows) or "—"
 
     def save_form(self, request: HttpRequest, form: Any, change: bool) -> ModelPolicy:
         # Published here, as a new version, by the one service that decides versions.

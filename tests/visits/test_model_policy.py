@@ -163,6 +163,8 @@ def test_an_admin_publishes_a_version_and_cannot_edit_or_delete_one(admin_client
         (2, "gpt-4o-mini", admin_user),
     ]
     assert versions[0].allowed_models == ["gpt-4o-mini", "gpt-4.1-mini"]
+    listing = admin_client.get("/admin/pipeline/modelpolicy/").content.decode()
+    assert "gpt-4o-mini: 0.15 / 0.60 (from 2024-07-18)" in listing
     change = admin_client.post(
         f"/admin/pipeline/modelpolicy/{versions[0].pk}/change/", form | {"stage": "summarize"}
     )
