@@ -216,6 +216,13 @@ if not DEBUG:
     SECURE_HSTS_PRELOAD = True
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 
+# Retention (visits/retention.py): PHI is kept only as long as a clinician needs it to check
+# and sign the note; the signed note goes to the chart. A daily purge deletes a visit's
+# recording, audio, transcript, summaries and model answers this many days after its note
+# was signed, or, if it never was, this many days after upload.
+RETENTION_DAYS = env_int("RETENTION_DAYS", 30)
+RETENTION_UNSIGNED_DAYS = env_int("RETENTION_UNSIGNED_DAYS", 90)
+
 # Log lines as JSON objects naming the subject, run, stage, attempt or visit they are about
 # (config/logs.py), or as plain text for a person at a terminal.
 LOG_FORMAT = env_str("LOG_FORMAT", "plain" if DEBUG else "json")

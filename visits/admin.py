@@ -34,6 +34,7 @@ from visits.audit import (
     audit_record,
 )
 from visits.models import AccessEvent, ClinicianVocabulary, Visit
+from visits.retention import PURGE_PERMISSION, visit_purge
 from visits.services import (
     REPROCESS_PERMISSION,
     visit_cancel,
@@ -119,6 +120,8 @@ class Operation:
     title: str
     form_class: type[ReasonForm]
     perform: Callable[[Visit, Any, dict[str, Any]], None]  # (visit, user, cleaned form data)
+    permission: str = REPROCESS_PERMISSION
+    refusal: str = "retrying, re-running or cancelling needs the reprocess permission."
 
 
 def _retry(visit: Visit, user: Any, data: dict[str, Any]) -> None:
@@ -141,6 +144,10 @@ def _retry_delivery(visit: Visit, user: Any, data: dict[str, Any]) -> None:
     visit_retry_deliveries(visit=visit, actor=user, reason=data["reason"])
 
 
+def _purge(visit: Visit, user: Any, data: dict[str, Any]) -> None:
+    visit_purge(visit, reason=data["reason"], actor=user)
+
+
 OPERATIONS: dict[str, Operation] = {
     operation.name: operation
     for operation in (
@@ -150,6 +157,15 @@ OPERATIONS: dict[str, Operation] = {
         Operation("cancel", "Cancel", ReasonForm, _cancel),
         Operation(
             "retry_delivery", "Retry failed delivery to the EHR", ReasonForm, _retry_delivery
+        ),
+        # The admin's "delete": the visit's PHI goes, the row, signed note and trail stay.
+        Operation(
+            "purge_now",
+            "Purge now (retention)",
+            ReasonForm,
+            _purge,
+            permission=PURGE_PERMISSION,
+            refusal="purging needs the permission to delete visits.",
         ),
     )
 }
@@ -291,13 +307,21 @@ class VisitAdmin(admin.ModelAdmin):
     search_fields = ["=id", "label", "clinician__username"]
     list_select_related = ["clinician", "current_run"]
     list_per_page = 100
-    actions = ["retry_failed_stage", "run_now", "rerun_from_stage", "cancel", "retry_delivery"]
+    actions = [
+        "retry_failed_stage",
+        "run_now",
+        "rerun_from_stage",
+        "cancel",
+        "retry_delivery",
+        "purge_now",
+    ]
     readonly_fields = [
         "clinician",
         "recording_name",
         "recording_bytes",
         "created_at",
         "current_run",
+        "purged_at",
     ]
     fields = ["label", *readonly_fields]
     # The fields, then the pipeline: every run, its stages and attempts, and the operations.
@@ -309,8 +333,16 @@ class VisitAdmin(admin.ModelAdmin):
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # visits come from uploads and `process_recording`, with their recording
 
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        # A delete would cascade, or be refused by what protects the visit, and leave its
+        # files behind: "Purge now (retention)" is how a visit is deleted here.
+        return False
+
     def has_reprocess_permission(self, request: HttpRequest) -> bool:
         return request.user.has_perm(REPROCESS_PERMISSION)
+
+    def has_purge_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm(PURGE_PERMISSION)
 
     def get_urls(self) -> list[URLPattern]:
         operate = self.admin_site.admin_view(self.operate_view)  # staff only, CSRF-protected
@@ -337,11 +369,11 @@ class VisitAdmin(admin.ModelAdmin):
                 # The page shows the pipeline's outputs (transcript, note): a look at PHI.
                 audit_record(Action.VIEW_ADMIN, user=request.user, visit=obj)
             context["pipeline_runs"] = visit_pipeline(obj)
-            if self.has_reprocess_permission(request):
-                context["operations"] = [
-                    (operation.title, reverse("admin:visits_visit_operate", args=[obj.pk, name]))
-                    for name, operation in OPERATIONS.items()
-                ]
+            context["operations"] = [
+                (operation.title, reverse("admin:visits_visit_operate", args=[obj.pk, name]))
+                for name, operation in OPERATIONS.items()
+                if request.user.has_perm(operation.permission)
+            ]
         return super().render_change_form(request, context, add, change, form_url, obj)
 
     def operate_view(self, request: HttpRequest, object_id: int, action: str) -> HttpResponse:
@@ -357,12 +389,9 @@ class VisitAdmin(admin.ModelAdmin):
         if not self.has_view_or_change_permission(request, visit):
             raise PermissionDenied
         change_url = reverse("admin:visits_visit_change", args=[visit.pk])
-        if not self.has_reprocess_permission(request):
+        if not request.user.has_perm(operation.permission):
             self.message_user(
-                request,
-                f"{operation.title}: refused; retrying, re-running or cancelling needs the "
-                "reprocess permission.",
-                messages.WARNING,
+                request, f"{operation.title}: refused; {operation.refusal}", messages.WARNING
             )
             return HttpResponseRedirect(change_url)
         queryset = self.get_queryset(request).filter(pk=visit.pk)
@@ -408,6 +437,10 @@ class VisitAdmin(admin.ModelAdmin):
     @admin.action(description="Retry failed delivery to the EHR", permissions=["reprocess"])
     def retry_delivery(self, request: HttpRequest, queryset: QuerySet[Visit]) -> Any:
         return _operate(self, request, queryset, OPERATIONS["retry_delivery"])
+
+    @admin.action(description="Purge now (retention)…", permissions=["purge"])
+    def purge_now(self, request: HttpRequest, queryset: QuerySet[Visit]) -> Any:
+        return _operate(self, request, queryset, OPERATIONS["purge_now"])
 
 
 @admin.register(ClinicianVocabulary)

@@ -38,6 +38,9 @@ class Visit(models.Model):
     # one visit.
     recording_session = models.UUIDField(null=True, blank=True, unique=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
+    # When its PHI (recording, audio, transcript, summaries, model answers) was deleted under
+    # the retention policy (`visits.retention`); the row, the signed note and the trail stay.
+    purged_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["-created_at", "-id"]
@@ -203,6 +206,7 @@ class AccessEvent(models.Model):
         RERUN = "rerun", "re-ran the pipeline from a stage"
         CANCEL = "cancel", "cancelled the run"
         RETRY_DELIVERY = "retry_delivery", "retried the delivery to the EHR"
+        PURGE = "purge", "purged the visit's PHI under the retention policy"
         LOGIN = "login", "signed in"
         LOGIN_FAILED = "login_failed", "failed to sign in"
         LOGOUT = "logout", "signed out"

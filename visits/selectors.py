@@ -193,10 +193,17 @@ class VisitStatus(BaseModel):
     note_status: str | None
     engine: str | None
     deliveries: list[DeliveryDoc]
+    # When the visit's PHI was deleted under the retention policy (`visits.retention`).
+    purged_at: str | None = None
 
     def summary_lines(self) -> list[str]:
         """A short human reading: the visit's state, each stage, what it cost."""
         lines = [f"visit {self.visit}: {self.status}"]
+        if self.purged_at is not None:
+            lines.append(
+                f"  purged on {self.purged_at[:10]} under the retention policy: recording, "
+                "transcript and summary deleted"
+            )
         for stage in self.stages:
             line = f"  {stage.name:<11} {stage.status:<10} {len(stage.attempts)} attempt(s)"
             if stage.error:
@@ -282,9 +289,12 @@ def visit_status_document(
     stages = visit_stages(visit) if stages is None else stages
     history = note_history(visit) if history is None else history
     latest_note = history[-1] if history else None
-    transcript = visit_transcript(stages)
-    summarized = output_of(stages, "summarize", SummarizeOutput)
-    noted = output_of(stages, "note", NoteOutput)
+    # A purged visit's files are gone and its summary and draft are empty placeholders: its
+    # stages are shown, their content is not read.
+    content = stages if visit.purged_at is None else []
+    transcript = visit_transcript(content)
+    summarized = output_of(content, "summarize", SummarizeOutput)
+    noted = output_of(content, "note", NoteOutput)
     latest: NoteOutput | SummarizeOutput | None = noted or summarized
     # One lookup per segment: this document is rebuilt on every poll of the visit page.
     speakers = summarized.summary.speakers_by_segment() if summarized else {}
@@ -324,6 +334,7 @@ def visit_status_document(
         note_status=latest_note.status if latest_note else None,
         engine=latest.engine if latest else None,
         deliveries=visit_deliveries(visit),
+        purged_at=_iso(visit.purged_at),
     )
 
 
@@ -416,6 +427,7 @@ _TIMELINE_ACCESS = (
     AccessEvent.Action.EXPORT_FHIR,
     AccessEvent.Action.PRINT_SUMMARY,
     AccessEvent.Action.CHANGE_REFS,
+    AccessEvent.Action.PURGE,
 )
 
 

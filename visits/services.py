@@ -283,6 +283,11 @@ def visit_cancel(*, visit: Visit, actor: User | AnonymousUser | None, reason: st
 
 
 def _current_run(visit: Visit) -> Run:
+    if visit.purged_at is not None:
+        raise OperationRefused(
+            f"Visit {visit.pk} was purged on {visit.purged_at:%Y-%m-%d} under the retention "
+            "policy: its recording and transcript are gone, so nothing can be retried or re-run."
+        )
     if visit.current_run is None:
         raise OperationRefused(f"Visit {visit.pk} has no run.")
     return visit.current_run

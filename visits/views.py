@@ -487,6 +487,10 @@ def visit_recording(request: AuthenticatedHttpRequest, visit_id: int) -> HttpRes
     ranges), so the player can start at any cited segment. Every request is recorded, with
     the part asked for: a seek in the player is a new look at the recording."""
     visit = _visit_for(request, visit_id, Action.PLAY_RECORDING, record=False)
+    if visit.purged_at is not None:
+        refusal = f"The recording was deleted on {visit.purged_at:%Y-%m-%d} (retention policy)."
+        audit_record(Action.PLAY_RECORDING, user=request.user, visit=visit, refused=refusal)
+        return HttpResponse(refusal, status=410, content_type="text/plain; charset=utf-8")
     audit_record(
         Action.PLAY_RECORDING,
         user=request.user,
