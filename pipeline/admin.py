@@ -7,13 +7,13 @@ people with `pipeline.view_phi` see them or search them."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from functools import cache
+from functools import cache, reduce
 from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.contrib import admin
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
@@ -23,6 +23,7 @@ from pipeline.model_policies import policy_check, policy_publish
 from pipeline.models import Attempt, AuditEntry, LLMCall, ModelPolicy, Run, Stage
 from pipeline.prices import price_for
 from pipeline.selectors import STAGE_STATES, filter_stage_state
+from pipeline.signals import phi_viewed
 
 if TYPE_CHECKING:
     # django-stubs makes the admin classes generic in their model; Django's own classes cannot
@@ -92,6 +93,24 @@ class ReadOnlyAdmin(PHIGate, _ModelAdmin):
     def get_search_fields(self, request: HttpRequest) -> list[str]:
         phi = self.phi_search_fields if can_view_phi(request) else ()
         return [*super().get_search_fields(request), *phi]
+
+    # The attributes from a row to its run's subject, for `phi_viewed`; empty: no PHI here.
+    subject_path: tuple[str, ...] = ()
+
+    def render_change_form(
+        self,
+        request: HttpRequest,
+        context: dict[str, Any],
+        add: bool = False,
+        change: bool = False,
+        form_url: str = "",
+        obj: Any = None,
+    ) -> HttpResponse:
+        if obj is not None and self.subject_path and self.phi_fields and can_view_phi(request):
+            subject = reduce(getattr, self.subject_path, obj)
+            what = f"engine admin: {self.model._meta.verbose_name} {obj.pk}"
+            phi_viewed.send(type(self), request=request, subject=subject, what=what)
+        return super().render_change_form(request, context, add, change, form_url, obj)
 
 
 class ReadOnlyInline(PHIGate, _TabularInline):
@@ -191,6 +210,7 @@ class RunAdmin(ReadOnlyAdmin):
     list_filter = ["status", "workflow", ("forked_from", admin.EmptyFieldListFilter), "created_at"]
     search_fields = ["subject"]
     phi_fields = phi_search_fields = ("error",)
+    subject_path = ("subject",)
     date_hierarchy = "created_at"
     list_select_related = ["forked_from"]
     inlines = [StageInline]
@@ -214,6 +234,7 @@ class StageAdmin(ReadOnlyAdmin):
     search_fields = ["run__subject"]
     phi_fields = ("output", "error_message")
     phi_search_fields = ("error_message",)
+    subject_path = ("run", "subject")
     inlines = [AttemptInline]
 
 
@@ -237,6 +258,7 @@ class AttemptAdmin(ReadOnlyAdmin):
     date_hierarchy = "started_at"
     search_fields = ["stage__run__subject"]
     phi_fields = phi_search_fields = AttemptInline.phi_fields
+    subject_path = ("stage", "run", "subject")
 
     @admin.display(description="stage")
     def stage_link(self, attempt: Attempt) -> str:
@@ -267,6 +289,7 @@ class LLMCallAdmin(ReadOnlyAdmin):
     search_fields = ["stage__run__subject"]
     # Answers are not searched, even with the permission: a scan of every answer ever given.
     phi_fields = ("content",)
+    subject_path = ("stage", "run", "subject")
 
 
 @admin.register(AuditEntry)

@@ -24,7 +24,8 @@ from django.db.models import QuerySet
 from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponse
 
-from visits.models import AccessEvent, Visit
+from pipeline.signals import phi_viewed
+from visits.models import VISIT_SUBJECT_PREFIX, AccessEvent, Visit, visit_id_of_subject
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AnonymousUser, User
@@ -244,3 +245,13 @@ def _locked_out(sender: Any, request: HttpRequest, username: str | None, **_: An
         f"for {int(settings.AXES_COOLOFF_TIME.total_seconds() // 60)} minutes",
         label=username or "(no username)",
     )
+
+
+@receiver(phi_viewed)
+def _engine_phi_viewed(
+    sender: Any, request: HttpRequest, subject: str, what: str, **_: Any
+) -> None:
+    if not subject.startswith(VISIT_SUBJECT_PREFIX):
+        return  # another workflow's subject: not a visit
+    visit = Visit.objects.filter(pk=visit_id_of_subject(subject)).first()
+    audit_record(Action.VIEW_ADMIN, user=request.user, visit=visit, detail=what)

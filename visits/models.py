@@ -56,13 +56,16 @@ class Visit(models.Model):
         return visit_subject(self.pk)
 
 
+VISIT_SUBJECT_PREFIX = "visit:"
+
+
 def visit_subject(visit_id: int) -> str:
-    return f"visit:{visit_id}"
+    return f"{VISIT_SUBJECT_PREFIX}{visit_id}"
 
 
 def visit_id_of_subject(subject: str) -> int:
     """The visit a run belongs to (the inverse of `visit_subject`)."""
-    return int(subject.removeprefix("visit:"))
+    return int(subject.removeprefix(VISIT_SUBJECT_PREFIX))
 
 
 def _specialty_choices() -> list[tuple[str, str]]:

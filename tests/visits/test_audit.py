@@ -289,3 +289,25 @@ def test_who_viewed_visit_n_is_one_query(
         ("dr_bob", Action.PLAY_RECORDING, Outcome.REFUSED),
         ("dr_ada", Action.VIEW_VISIT, Outcome.ALLOWED),
     ]
+
+
+def test_reading_a_visits_phi_in_the_engines_admin_is_recorded(
+    client, admin_user, django_user_model, visit
+):
+    summarize = visit.current_run.stages.get(name="summarize")
+    url = reverse("admin:pipeline_stage_change", args=[summarize.pk])
+    # Pipeline view permissions without view_phi: the output is hidden, so nothing is read.
+    viewer = staff(django_user_model, "engine_viewer", "view_run", "view_stage", "view_attempt")
+    client.force_login(viewer)
+    assert client.get(url).status_code == 200
+    assert not AccessEvent.objects.filter(action=Action.VIEW_ADMIN).exists()
+
+    client.force_login(admin_user)
+    assert client.get(url).status_code == 200
+
+    (event,) = AccessEvent.objects.filter(action=Action.VIEW_ADMIN)
+    assert (event.visit, event.actor, event.detail) == (
+        visit,
+        admin_user,
+        f"engine admin: stage {summarize.pk}",
+    )
