@@ -20,8 +20,8 @@ from django.utils.html import format_html
 
 from pipeline.errors import PipelineError
 from pipeline.model_policies import policy_check, policy_publish
-from pipeline.models import Attempt, AuditEntry, LLMCall, ModelPolicy, Run, Stage
-from pipeline.prices import price_for
+from pipeline.models import Attempt, AuditEntry, LLMCall, ModelPolicy, ModelPrice, Run, Stage
+from pipeline.prices import price_check, price_for, price_publish
 from pipeline.selectors import STAGE_STATES, filter_stage_state
 from pipeline.signals import phi_viewed
 
@@ -302,6 +302,23 @@ class AuditEntryAdmin(ReadOnlyAdmin):
     list_select_related = ["run", "new_run"]
 
 
+class PublishOnlyAdmin(_ModelAdmin):
+    """For rows that are published, never edited or deleted: "Add" calls the publishing
+    service from `save_form`, which saves the row (once) and returns it."""
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
+        """Already saved by `save_form`."""
+
+    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
+        """A published row has no related rows to save."""
+
+
 class ModelPolicyForm(_ModelForm):
     allowed = forms.CharField(
         label="Allowed models",
@@ -331,7 +348,7 @@ class ModelPolicyForm(_ModelForm):
 
 
 @admin.register(ModelPolicy)
-class ModelPolicyAdmin(_ModelAdmin):
+class ModelPolicyAdmin(PublishOnlyAdmin):
     """Which models each stage may ask. "Add" publishes a new version; the versions before it
     stay as the policy's history (who, when, why). Nothing is edited or deleted."""
 
@@ -350,26 +367,19 @@ class ModelPolicyAdmin(_ModelAdmin):
     list_filter = ["workflow", "stage"]
     readonly_fields = ["version", "prices", "created_by_label", "created_at"]
 
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
     @admin.display(description="allowed models")
     def allowed(self, policy: ModelPolicy) -> str:
         return ", ".join(policy.allowed_models)
 
     @admin.display(description="price rows in force (USD per million tokens in / out)")
     def prices(self, policy: ModelPolicy) -> str:
-        # The rows themselves live in LLM_PRICE_TABLE, a file reviewed like code.
         today = timezone.now().date()
         rows = []
         for model in policy.allowed_models or []:
             price = price_for(model, today)
             rows.append(
                 f"{model}: {price.input_usd_per_million} / {price.output_usd_per_million} "
-                f"(from {price.effective_from})"
+                f"(from {price.effective_from}, {price.source})"
                 if price
                 else f"{model}: no price"
             )
@@ -388,8 +398,66 @@ class ModelPolicyAdmin(_ModelAdmin):
             on=timezone.now().date(),
         )
 
-    def save_model(self, request: HttpRequest, obj: Any, form: Any, change: bool) -> None:
-        """Already saved by `save_form`: a policy is never saved twice or edited."""
 
-    def save_related(self, request: HttpRequest, form: Any, formsets: Any, change: bool) -> None:
-        """A policy has no related rows to save."""
+class ModelPriceForm(_ModelForm):
+    class Meta:
+        model = ModelPrice
+        fields = [
+            "model",
+            "effective_from",
+            "input_usd_per_million",
+            "output_usd_per_million",
+            "reason",
+        ]
+        help_texts = {
+            "model": "A model name, or a family (“gpt-4o” prices its dated snapshots too).",
+            "effective_from": "Calls from this date on are priced at this row.",
+            "reason": "Why the price changed: the provider's notice, a contract, a correction.",
+        }
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if self.errors:
+            return data
+        try:
+            price_check(
+                model=data["model"],
+                input_usd_per_million=data["input_usd_per_million"],
+                output_usd_per_million=data["output_usd_per_million"],
+                reason=data["reason"],
+            )
+        except PipelineError as exc:
+            raise forms.ValidationError(str(exc)) from exc
+        return data
+
+
+@admin.register(ModelPrice)
+class ModelPriceAdmin(PublishOnlyAdmin):
+    """Price rows published between releases, over the file `LLM_PRICE_TABLE`. "Add" publishes
+    a row; a correction is a newer row for the same model and date. Nothing is edited or
+    deleted, so what a call was priced at can always be explained."""
+
+    form = ModelPriceForm
+    list_display = [
+        "model",
+        "effective_from",
+        "input_usd_per_million",
+        "output_usd_per_million",
+        "created_by_label",
+        "created_at",
+        "reason",
+    ]
+    list_filter = ["model"]
+    readonly_fields = ["created_by_label", "created_at"]
+
+    def save_form(self, request: HttpRequest, form: Any, change: bool) -> ModelPrice:
+        # Published by the one service that decides price rows, as `clean` checked it.
+        data = form.cleaned_data
+        return price_publish(
+            model=data["model"],
+            effective_from=data["effective_from"],
+            input_usd_per_million=data["input_usd_per_million"],
+            output_usd_per_million=data["output_usd_per_million"],
+            reason=data["reason"],
+            user=request.user,
+        )

@@ -248,7 +248,21 @@ class AuditEntry(models.Model):
         return f"{self.get_action_display()} on run {self.run_id} by {self.actor_label}"
 
 
-class ModelPolicy(models.Model):
+class Published(models.Model):
+    """A governance row that is published, never edited: who published it, when and why."""
+
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    created_by_label = models.CharField(max_length=150)
+    reason = models.CharField(max_length=300)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        abstract = True
+
+
+class ModelPolicy(Published):
     """Which models a stage may ask, and which it asks unless its run names another.
 
     One row per version: the newest row of a (workflow, stage) is in force, and a stage with no
@@ -260,12 +274,6 @@ class ModelPolicy(models.Model):
     version = models.PositiveIntegerField()
     allowed_models = models.JSONField()  # a list of model names, each in the price table
     default_model = models.CharField(max_length=128)
-    created_by = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
-    )
-    created_by_label = models.CharField(max_length=150)
-    reason = models.CharField(max_length=300)
-    created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["workflow", "stage", "-version"]
@@ -279,3 +287,28 @@ class ModelPolicy(models.Model):
 
     def __str__(self) -> str:
         return f"{self.workflow}.{self.stage} v{self.version}: {', '.join(self.allowed_models)}"
+
+
+class ModelPrice(Published):
+    """A price row published in the admin, beside the reviewed file `LLM_PRICE_TABLE`.
+
+    Rows are never changed or deleted: a new price is a new row from its effective date, and a
+    correction of a row is a newer row for the same date, which wins. Each says who and why."""
+
+    model = models.CharField(max_length=128)
+    effective_from = models.DateField()
+    input_usd_per_million = models.DecimalField(max_digits=12, decimal_places=6)
+    output_usd_per_million = models.DecimalField(max_digits=12, decimal_places=6)
+
+    class Meta:
+        ordering = ["model", "-effective_from", "-created_at"]
+        constraints = [
+            models.CheckConstraint(condition=~Q(reason=""), name="pipeline_model_price_reason"),
+            models.CheckConstraint(
+                condition=Q(input_usd_per_million__gte=0, output_usd_per_million__gte=0),
+                name="pipeline_model_price_not_negative",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.model} from {self.effective_from}"

@@ -7,9 +7,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from datetime import date
-from decimal import Decimal
-from pathlib import Path
 
 import openai
 import pytest
@@ -17,7 +14,6 @@ from openai import OpenAI
 from openai.lib._parsing._completions import type_to_response_format_param
 from pydantic import BaseModel
 
-from pipeline import prices
 from pipeline.errors import PermanentError, TransientError
 from pipeline.llm import _client, classify_openai_error, request_digest
 from pipeline.policy import is_retryable
@@ -162,120 +158,6 @@ def test_gateway_client_never_retries_on_its_own(fake):
         with pytest.raises(openai.APIStatusError):
             sdk.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert [r.fault for r in fake.requests] == ["429", "500"]
-
-
-# --- prices with effective dates ------------------------------------------------------------
-
-
-def test_gpt_4o_mini_is_priced_as_itself_not_as_gpt_4o():
-    price = prices.price_for("gpt-4o-mini", date(2025, 1, 15))
-
-    assert price is not None
-    assert price.model == "gpt-4o-mini"
-    assert price.input_usd_per_million == Decimal("0.15")
-    assert price.output_usd_per_million == Decimal("0.60")
-    assert prices.cost_usd(
-        "gpt-4o-mini", date(2025, 1, 15), input_tokens=1_000, output_tokens=500
-    ) == Decimal("0.000450")
-
-
-def test_dated_snapshots_take_their_familys_price():
-    mini = prices.price_for("gpt-4o-mini-2024-07-18", date(2025, 1, 15))
-    full = prices.price_for("gpt-4o-2024-08-06", date(2025, 1, 15))
-
-    assert mini is not None and mini.model == "gpt-4o-mini"
-    assert full is not None and full.model == "gpt-4o"
-    assert full.input_usd_per_million == Decimal("2.50")
-
-
-def test_gpt_4_1_mini_is_not_priced_as_gpt_4_1():
-    price = prices.price_for("gpt-4.1-mini", date(2025, 6, 1))
-
-    assert price is not None
-    assert price.model == "gpt-4.1-mini"
-    assert price.input_usd_per_million == Decimal("0.40")
-
-
-def test_a_model_that_only_shares_a_prefix_is_unknown():
-    assert prices.price_for("gpt-4omni", date(2025, 1, 15)) is None
-
-
-def test_a_model_is_not_priced_as_its_parent_family_before_its_own_price_exists():
-    """gpt-4o-mini has a price from 2024-07-18. Before that the table knows no price for it;
-    borrowing gpt-4o's (33x higher) would be the very mix-up price_for promises never to make."""
-    assert prices.price_for("gpt-4o-mini", date(2024, 7, 1)) is None
-
-
-@pytest.mark.parametrize(
-    ("day", "input_per_million", "output_per_million"),
-    [
-        (date(2024, 5, 13), "5.00", "15.00"),
-        (date(2024, 9, 30), "5.00", "15.00"),
-        (date(2024, 10, 1), "2.50", "10.00"),
-        (date(2025, 3, 1), "2.50", "10.00"),
-    ],
-)
-def test_gpt_4o_price_follows_its_effective_dates(day, input_per_million, output_per_million):
-    price = prices.price_for("gpt-4o", day)
-
-    assert price is not None
-    assert price.model == "gpt-4o"
-    assert price.input_usd_per_million == Decimal(input_per_million)
-    assert price.output_usd_per_million == Decimal(output_per_million)
-
-
-def test_gpt_4o_cost_before_and_after_the_price_cut():
-    tokens = {"input_tokens": 1_000_000, "output_tokens": 1_000_000}
-
-    assert prices.cost_usd("gpt-4o", date(2024, 9, 30), **tokens) == Decimal("20.000000")
-    assert prices.cost_usd("gpt-4o", date(2024, 10, 1), **tokens) == Decimal("12.500000")
-    assert prices.cost_usd("gpt-4o", date(2024, 10, 1), input_tokens=1234, output_tokens=56) == (
-        Decimal("0.003645")  # (1234 * 2.50 + 56 * 10.00) / 1e6 = 0.003645
-    )
-
-
-def test_nothing_is_priced_before_the_table_begins():
-    assert prices.price_for("gpt-4o", date(2024, 5, 12)) is None
-
-
-def test_unknown_model_costs_nothing_and_is_logged(caplog):
-    assert prices.price_for("llama-3-70b", date(2025, 1, 15)) is None
-
-    with caplog.at_level("WARNING", logger="pipeline.prices"):
-        cost = prices.cost_usd(
-            "llama-3-70b", date(2025, 1, 15), input_tokens=10_000, output_tokens=10_000
-        )
-
-    assert cost == Decimal(0)
-    assert "no price for model llama-3-70b on 2025-01-15" in caplog.text
-
-
-def test_offline_engine_is_free():
-    assert prices.cost_usd(
-        "offline-engine", date(2025, 1, 15), input_tokens=0, output_tokens=0
-    ) == Decimal("0.000000")
-
-
-def test_price_table_comes_from_settings(settings, tmp_path: Path):
-    table = tmp_path / "prices.json"
-    table.write_text(
-        json.dumps(
-            [
-                {
-                    "model": "house-model",
-                    "effective_from": "2025-01-01",
-                    "input_usd_per_million": "1",
-                    "output_usd_per_million": "3",
-                }
-            ]
-        )
-    )
-    settings.LLM_PRICE_TABLE = table
-
-    assert prices.price_for("gpt-4o", date(2025, 6, 1)) is None
-    assert prices.cost_usd(
-        "house-model", date(2025, 6, 1), input_tokens=2_000_000, output_tokens=1_000_000
-    ) == Decimal("5.000000")
 
 
 # --- request digest -------------------------------------------------------------------------

@@ -27,11 +27,19 @@ ROLES = ["anonymous", "owner", "other", "staff", "oncall", "privacy"]
 class Request:
     method: str
     url: Callable[[Visit], str]
-    data: dict[str, str] | None = None
+    # A form, or a function of the visit for one that names it.
+    data: dict[str, str] | Callable[[Visit], dict[str, str]] | None = None
+
+    def form(self, visit: Visit) -> dict[str, str]:
+        return self.data(visit) if callable(self.data) else self.data or {}
 
 
 def _visit_url(name: str, **extra: object) -> Callable[[Visit], str]:
     return lambda visit: reverse(f"visits:{name}", kwargs={"visit_id": visit.pk, **extra})
+
+
+def _url(name: str) -> Callable[[Visit], str]:
+    return lambda visit: reverse(name)
 
 
 def _admin(name: str, *args: object) -> Callable[[Visit], str]:
@@ -40,12 +48,14 @@ def _admin(name: str, *args: object) -> Callable[[Visit], str]:
 
 # What each asks, and what each role gets: a status code, or "login" for the redirect to the
 # sign-in page, "back" for a redirect to the visit's page with a message saying why, "admin"
-# for one to its admin page.
-LOGIN, BACK = "login", "back"
+# for one to its admin page, "list" for one to the admin's list of visits.
+LOGIN, BACK, LIST = "login", "back", "list"
 PAGE = (LOGIN, 200, 404, 404, 200, 404)  # a visit's page: its owner and on-call staff only
 ADMIN_OPS = (LOGIN, LOGIN, LOGIN, 403, 200, 403)  # the admin's visits: on-call staff only
 AUDIT = (LOGIN, LOGIN, LOGIN, 403, 403, 200)  # the audit trail: the privacy officer only
 EVERYONE = (LOGIN, 200, 200, 200, 200, 200)
+GOVERNANCE = (LOGIN, LOGIN, LOGIN, 403, 403, 403)  # model policy and prices: superusers here
+PUBLIC = (200, 200, 200, 200, 200, 200)
 CSV_EXPORT = {"action": "export_csv", "select_across": "1", "index": "0", "_selected_action": "1"}
 # fmt: off
 # Answers in the order of ROLES: anonymous, owner, other, staff, oncall, privacy.
@@ -87,6 +97,33 @@ MATRIX: dict[str, tuple[Request, tuple[int | str, ...]]] = {
     "admin: engine's run page": (Request("GET", lambda v: reverse("admin:pipeline_run_change",
                                                                   args=[v.current_run_id])),
                                  (LOGIN, LOGIN, LOGIN, 403, 403, 403)),
+    **{
+        f"admin: list action {action}": (
+            Request("POST", lambda v: reverse("admin:visits_visit_changelist"),
+                    lambda v, action=action: {"action": action, "index": "0",
+                                              "_selected_action": str(v.pk)}),
+            expected,
+        )
+        for action, expected in [
+            ("retry_failed_stage", ADMIN_OPS), ("run_now", ADMIN_OPS),
+            ("rerun_from_stage", ADMIN_OPS), ("cancel", ADMIN_OPS), ("retry_delivery", ADMIN_OPS),
+            # Not offered to on-call staff without visits.delete_visit: back to the list.
+            ("purge_now", (LOGIN, LOGIN, LOGIN, 403, LIST, 403)),
+        ]
+    },
+    "admin: model policies": (Request("GET", _url("admin:pipeline_modelpolicy_changelist")),
+                              GOVERNANCE),
+    "admin: publish a policy": (Request("GET", _url("admin:pipeline_modelpolicy_add")),
+                                GOVERNANCE),
+    "admin: model prices": (Request("GET", _url("admin:pipeline_modelprice_changelist")),
+                            GOVERNANCE),
+    "admin: publish a price": (Request("GET", _url("admin:pipeline_modelprice_add")),
+                               GOVERNANCE),
+    # Metrics answer an allow-list of addresses (loopback here) or a token, not a user.
+    "metrics": (Request("GET", _url("metrics")), PUBLIC),
+    "healthz": (Request("GET", _url("healthz")), PUBLIC),
+    "sign-in page": (Request("GET", _url("login")), PUBLIC),
+    "second factor": (Request("GET", _url("second_factor")), EVERYONE),
     "admin: audit trail": (Request("GET", lambda v: reverse("admin:visits_accessevent_changelist")),
                            AUDIT),
     "admin: audit CSV": (Request("POST", lambda v: reverse("admin:visits_accessevent_changelist"),
@@ -125,6 +162,8 @@ def _answer(response, visit: Visit) -> int | str:
             return BACK
         if location == reverse("admin:visits_visit_change", args=[visit.pk]):
             return "admin"
+        if location == reverse("admin:visits_visit_changelist"):
+            return LIST
         return f"302 {location}"
     return response.status_code
 
@@ -140,7 +179,7 @@ def test_every_url_and_admin_action_answers_each_role_as_it_should(settings, use
             if role != "anonymous":
                 client.force_login(users[role])
             send = client.get if request.method == "GET" else client.post
-            answers.append(_answer(send(request.url(visit), request.data or {}), visit))
+            answers.append(_answer(send(request.url(visit), request.form(visit)), visit))
         seen[name] = tuple(answers)
 
     assert seen == {name: expected for name, (_, expected) in MATRIX.items()}

@@ -3,6 +3,8 @@ and a policy changes only by publishing a new version that says who and why."""
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
@@ -11,7 +13,7 @@ from django.utils import timezone
 from pipeline.errors import OperationRefused
 from pipeline.llm import MODEL_INPUT
 from pipeline.model_policies import policy_current, policy_publish
-from pipeline.models import LLMCall, ModelPolicy, RunStatus, Stage, StageStatus
+from pipeline.models import LLMCall, ModelPolicy, ModelPrice, RunStatus, Stage, StageStatus
 from pipeline.operations import Operator, run_rerun_from
 from tests.conftest import SHORT_VISIT
 from visits.models import Visit
@@ -164,7 +166,7 @@ def test_an_admin_publishes_a_version_and_cannot_edit_or_delete_one(admin_client
     ]
     assert versions[0].allowed_models == ["gpt-4o-mini", "gpt-4.1-mini"]
     listing = admin_client.get("/admin/pipeline/modelpolicy/").content.decode()
-    assert "gpt-4o-mini: 0.15 / 0.60 (from 2024-07-18)" in listing
+    assert "gpt-4o-mini: 0.15 / 0.60 (from 2024-07-18, price table file)" in listing
     change = admin_client.post(
         f"/admin/pipeline/modelpolicy/{versions[0].pk}/change/", form | {"stage": "summarize"}
     )
@@ -176,3 +178,45 @@ def test_an_admin_publishes_a_version_and_cannot_edit_or_delete_one(admin_client
         == 403
     )
     assert ModelPolicy.objects.count() == 2
+
+
+def test_an_admin_publishes_a_price_row_that_prices_the_next_calls_only(
+    admin_client, admin_user, clinician, llm_server
+):
+    first = run_visit(clinician)
+    url = "/admin/pipeline/modelprice/add/"
+    form = {
+        "model": "gpt-4o-mini",
+        "effective_from": timezone.now().date().isoformat(),
+        "input_usd_per_million": "1.00",
+        "output_usd_per_million": "2.00",
+        "reason": "provider notice of 1 December",
+    }
+
+    refused = admin_client.post(url, form | {"output_usd_per_million": "-2"})
+    assert refused.status_code == 200 and "cannot be negative" in refused.content.decode()
+    refused = admin_client.post(url, form | {"reason": "  "})
+    assert refused.status_code == 200 and "This field is required" in refused.content.decode()
+    assert admin_client.post(url, form).status_code == 302
+    second = run_visit(clinician)
+
+    row = ModelPrice.objects.get()
+    assert (row.created_by, row.created_by_label, row.reason) == (
+        admin_user,
+        "admin",
+        "provider notice of 1 December",
+    )
+    # The first visit's calls keep the price they were made at; the second's use the new row.
+    for visit, (inp, out) in [(first, ("0.15", "0.60")), (second, ("1.00", "2.00"))]:
+        for call in LLMCall.objects.filter(stage__run_id=visit.current_run_id):
+            expected = (
+                call.input_tokens * Decimal(inp) + call.output_tokens * Decimal(out)
+            ) / 1_000_000
+            assert call.cost_usd == expected.quantize(Decimal("0.000001"))
+            assert call.cost_usd > 0
+    listing = admin_client.get("/admin/pipeline/modelprice/").content.decode()
+    assert "provider notice of 1 December" in listing
+    row_url = f"/admin/pipeline/modelprice/{row.pk}"
+    assert admin_client.post(f"{row_url}/change/", form).status_code == 403
+    assert admin_client.post(f"{row_url}/delete/", {"post": "yes"}).status_code == 403
+    assert ModelPrice.objects.count() == 1
