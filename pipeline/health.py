@@ -61,11 +61,20 @@ def _broker() -> Check:
     return Check(name="broker", ok=answered, detail="answers" if answered else "no answer")
 
 
-def _cluster() -> Check:
+def cluster_unseen_seconds() -> float | None:
+    """How long the sweep schedule's next run has been overdue: how long no worker cluster has
+    been seen (0 while one keeps moving it). None if the schedule does not exist."""
     sweep = Schedule.objects.filter(name=SWEEP_SCHEDULE_NAME).only("next_run").first()
     if sweep is None or sweep.next_run is None:
+        return None
+    late: float = (timezone.now() - sweep.next_run).total_seconds()
+    return max(0.0, late)
+
+
+def _cluster() -> Check:
+    late = cluster_unseen_seconds()
+    if late is None:
         return Check(name="cluster", ok=False, detail="the sweep schedule does not exist")
-    late = (timezone.now() - sweep.next_run).total_seconds()
     if late > CLUSTER_SEEN_SECONDS:
         seen = timedelta(seconds=round(late))
         return Check(name="cluster", ok=False, detail=f"no cluster seen for {seen}")

@@ -22,8 +22,10 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from pipeline.budgets import daily_budget
+from pipeline.health import cluster_unseen_seconds
 from pipeline.models import Attempt, LLMCall, Stage
 from pipeline.states import AttemptStatus, StageStatus
+from pipeline.store import stages_lease_expired
 from pipeline.workflow import workflow_get
 
 # Stage attempts last from milliseconds (a memoized model call) to an hour (a long recording).
@@ -47,6 +49,7 @@ class PipelineCollector(Collector):
         yield from self._queues()
         yield from self._llm()
         yield from self._budget()
+        yield from self._cluster()
 
     def _attempts(self) -> Iterator[Metric]:
         attempts = CounterMetricFamily(
@@ -152,6 +155,20 @@ class PipelineCollector(Collector):
             oldest.add_metric([queue], ages[queue])
         yield depth
         yield oldest
+        # The sweep takes an expired lease back within a minute, and only then does it count
+        # as a lease expiry; a stage still held by a dead worker shows only here.
+        stuck = GaugeMetricFamily(
+            "pipeline_queue_stuck_stages",
+            "Running stages whose lease expired and that the sweep has not taken back yet.",
+            labels=["queue"],
+        )
+        stuck_counts: dict[str, int] = {}
+        for expired in stages_lease_expired():
+            queue = _queue(expired.workflow, expired.stage_name)
+            stuck_counts[queue] = stuck_counts.get(queue, 0) + 1
+        for queue, count in sorted(stuck_counts.items()):
+            stuck.add_metric([queue], count)
+        yield stuck
 
     def _llm(self) -> Iterator[Metric]:
         tokens = CounterMetricFamily(
@@ -190,3 +207,14 @@ class PipelineCollector(Collector):
             "LLM dollars left today (0 when spent or when there is no limit).",
             today.left_usd,
         )
+
+    def _cluster(self) -> Iterator[Metric]:
+        # Absent, not a number, when the sweep schedule is missing: /readyz fails then too, and
+        # an alert on absence says so without a made-up age.
+        unseen = cluster_unseen_seconds()
+        if unseen is not None:
+            yield GaugeMetricFamily(
+                "pipeline_cluster_last_seen_age_seconds",
+                "How long no worker cluster has moved the sweep schedule (0 while one does).",
+                unseen,
+            )
