@@ -247,6 +247,8 @@ PIPELINE_LEASE_SECONDS = env_float("PIPELINE_LEASE_SECONDS", 30.0)
 PIPELINE_SWEEP_SECONDS = env_float("PIPELINE_SWEEP_SECONDS", 60.0)
 # A worker waits out a backoff this short itself instead of handing the stage to the sweep.
 PIPELINE_INLINE_RETRY_MAX_SECONDS = env_float("PIPELINE_INLINE_RETRY_MAX_SECONDS", 15.0)
+# A stage that fans out wakes at most this many other workers to take its units.
+PIPELINE_UNIT_HELPERS_MAX = env_int("PIPELINE_UNIT_HELPERS_MAX", 32)
 
 # Multiplies every retry interval of every policy: 1 in production; the test suite shrinks it
 # so that backoffs are exercised for real without waiting minutes.

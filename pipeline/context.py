@@ -5,17 +5,17 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Self
 
 from django.conf import settings
 from django.db import DatabaseError, connection
 
 from pipeline import store
-from pipeline.errors import LeaseLost, PipelineError
+from pipeline.errors import PipelineError
 from pipeline.workflow import OutputT, workflow_get
 
 if TYPE_CHECKING:
@@ -24,21 +24,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class Heartbeat:
-    """Extends the attempt's lease from a background thread while the stage works.
+class LeaseKeeper:
+    """Keeps a lease alive from a background thread by calling `beat` every third of the lease.
 
-    When the lease is lost (expired, cancelled, re-claimed) or the deadline passes, it stops and
-    remembers why; the stage learns of it at its next `ctx.heartbeat()` or write, and the
-    completion is fenced out in any case."""
+    When `beat` says the lease is lost (expired, cancelled, re-claimed) or the deadline passed,
+    it stops and remembers why; the work learns of it at its next `check()` or fenced write."""
 
-    def __init__(self, claim: store.Claim) -> None:
-        self._claim = claim
+    def __init__(self, beat: Callable[[], None], *, name: str) -> None:
+        self._beat = beat
+        self._name = name
         self._interval = max(0.05, float(settings.PIPELINE_LEASE_SECONDS) / 3)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="stage-heartbeat", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.lost: PipelineError | None = None
 
-    def __enter__(self) -> Heartbeat:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -50,16 +50,13 @@ class Heartbeat:
         try:
             while not self._stop.wait(self._interval):
                 try:
-                    store.stage_heartbeat(self._claim)
-                except LeaseLost as exc:
-                    self.lost = exc
-                    return
-                except PipelineError as exc:  # the deadline passed
+                    self._beat()
+                except PipelineError as exc:  # the lease is lost, or the deadline passed
                     self.lost = exc
                     return
                 except DatabaseError:
                     # A dropped connection must not kill the heartbeat; the next beat reconnects.
-                    logger.warning("heartbeat for stage %s failed; retrying", self._claim.stage_id)
+                    logger.warning("%s failed; retrying", self._name)
                     connection.close()
         finally:
             connection.close()
@@ -67,6 +64,14 @@ class Heartbeat:
     def check(self) -> None:
         if self.lost is not None:
             raise self.lost
+
+
+class Heartbeat(LeaseKeeper):
+    """Extends an attempt's lease on its stage while the stage works; the completion is fenced
+    out in any case once the lease is lost."""
+
+    def __init__(self, claim: store.Claim) -> None:
+        super().__init__(lambda: store.stage_heartbeat(claim), name="stage-heartbeat")
 
 
 class StageContext:
@@ -127,6 +132,13 @@ class StageContext:
 
     def checkpoints(self, prefix: str = "") -> dict[str, Any]:
         return store.checkpoints_load(self.claim, prefix=prefix)
+
+    def units_run(self, items: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+        """Fan out: the result of each (key, input) unit, by key, done by the stage's `unit`
+        function on this worker and every free one of the stage's queue (`pipeline.units`)."""
+        from pipeline.units import units_run
+
+        return units_run(self, items)
 
     # --- artifacts: large outputs kept in private storage, referenced from the output ---------
 

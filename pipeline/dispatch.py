@@ -11,6 +11,7 @@ from pipeline import store
 from pipeline.workflow import Workflow, workflow_get
 
 TASK_STAGE_EXECUTE = "pipeline.tasks.stage_execute"
+TASK_UNITS_WORK = "pipeline.tasks.units_work"
 
 
 def task_timeout_seconds(workflow: Workflow, stage_name: str) -> int:
@@ -46,5 +47,25 @@ def stage_enqueue(stage_ids: list[int]) -> None:
                 "cluster": spec.queue or settings.Q_CLUSTER["name"],
             }
             async_task(TASK_STAGE_EXECUTE, stage.id, q_options=options)
+
+    transaction.on_commit(send)
+
+
+def units_enqueue(claim: store.Claim, *, count: int) -> None:
+    """Wake `count` more workers of the stage's queue to take its units (`pipeline.units`)."""
+    count = min(count, int(settings.PIPELINE_UNIT_HELPERS_MAX))
+    if count <= 0:
+        return
+    workflow = workflow_get(claim.workflow)
+    spec = workflow.stage(claim.stage_name)
+    options: dict[str, object] = {
+        "timeout": task_timeout_seconds(workflow, claim.stage_name),
+        "cluster": spec.queue or settings.Q_CLUSTER["name"],
+    }
+
+    def send() -> None:
+        for helper in range(count):
+            name = f"run-{claim.run_id}-{claim.stage_name}-{claim.attempt_number}-units-{helper}"
+            async_task(TASK_UNITS_WORK, claim.stage_id, q_options=options | {"task_name": name})
 
     transaction.on_commit(send)

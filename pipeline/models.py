@@ -8,7 +8,7 @@ from django.conf import settings
 from django.db import models
 from django.db.models import Q
 
-from pipeline.states import AttemptStatus, FailureKind, RunStatus, StageStatus
+from pipeline.states import AttemptStatus, FailureKind, RunStatus, StageStatus, UnitStatus
 
 
 def _status_check(name: str, choices: type[models.TextChoices]) -> models.CheckConstraint:
@@ -165,6 +165,42 @@ class Checkpoint(models.Model):
 
     def __str__(self) -> str:
         return f"checkpoint {self.key} of stage {self.stage_id}"
+
+
+class Unit(models.Model):
+    """One of the parallel pieces of a stage that fans out (a chunk of audio, say).
+
+    The stage's attempt plans its units; any free worker on the stage's queue, the attempt's
+    own included, takes one under a lease of its own, and a finished unit's result is kept as
+    the stage's checkpoint under the unit's key. Units belong to one attempt of their stage: a
+    later attempt plans the unfinished ones again and fences out workers of the earlier one."""
+
+    stage = models.ForeignKey(Stage, on_delete=models.CASCADE, related_name="units")
+    key = models.CharField(max_length=200)
+    index = models.PositiveIntegerField()
+    input = models.JSONField()
+    attempt_number = models.PositiveIntegerField()  # of the stage attempt that planned it
+    status = models.CharField(max_length=16, choices=UnitStatus.choices, default=UnitStatus.READY)
+    worker = models.CharField(max_length=128, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    tries = models.PositiveIntegerField(default=0)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    seconds = models.FloatField(default=0.0)  # the last try's compute time
+    error_code = models.CharField(max_length=64, blank=True)
+    error_message = models.TextField(blank=True)
+    retryable = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["stage_id", "index"]
+        constraints = [
+            _status_check("pipeline_unit_status_valid", UnitStatus),
+            models.UniqueConstraint(fields=["stage", "key"], name="pipeline_unit_unique_key"),
+        ]
+        indexes = [models.Index(fields=["stage", "status"], name="pipeline_unit_status_idx")]
+
+    def __str__(self) -> str:
+        return f"unit {self.index} of stage {self.stage_id} ({self.status})"
 
 
 class LLMCall(models.Model):

@@ -40,4 +40,11 @@ class AttemptStatus(TextChoices):
     CANCELLED = "cancelled", "Cancelled"
 
 
+class UnitStatus(TextChoices):
+    READY = "ready", "Ready"  # planned, or given back (its worker lost it)
+    RUNNING = "running", "Running"  # a worker holds its lease
+    DONE = "done", "Done"  # its result is a checkpoint of the stage
+    FAILED = "failed", "Failed"  # its error fails the stage's attempt, by the stage's policy
+
+
 FINAL_RUN_STATUSES = frozenset({RunStatus.SUCCEEDED, RunStatus.FAILED, RunStatus.CANCELLED})

@@ -1,4 +1,4 @@
-"""The only module that writes runs, stages, attempts, checkpoints and LLM calls.
+"""The only module that writes runs, stages, attempts, units, checkpoints and LLM calls.
 
 It records what it is told: `pipeline.policy` decides whether and when a failed stage is tried
 again, and the store writes that decision down. Others read through `pipeline.selectors`.
@@ -21,16 +21,16 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
-from django.db.models import F, Q, QuerySet
+from django.db.models import Count, F, Q, QuerySet
 from django.db.models.functions import Coalesce, Now
 from django.db.models.sql import Query
 
 from pipeline import policy
 from pipeline.errors import AttemptTimedOut, LeaseLost
-from pipeline.models import Attempt, AuditEntry, Checkpoint, LLMCall, Run, Stage
+from pipeline.models import Attempt, AuditEntry, Checkpoint, LLMCall, Run, Stage, Unit
 from pipeline.policy import Decision, Failure
 from pipeline.selectors import usage_totals
-from pipeline.states import AttemptStatus, RunStatus, StageStatus
+from pipeline.states import AttemptStatus, RunStatus, StageStatus, UnitStatus
 from pipeline.workflow import StageSpec, Workflow, workflow_get
 
 
@@ -585,6 +585,193 @@ def checkpoint_save(claim: Claim, *, key: str, value: Any) -> None:
 def checkpoints_load(claim: Claim, *, prefix: str = "") -> dict[str, Any]:
     rows = Checkpoint.objects.filter(stage_id=claim.stage_id, key__startswith=prefix)
     return dict(rows.values_list("key", "value"))
+
+
+# --- inside an attempt: the parallel units of a stage that fans out ------------------------
+
+
+@dataclass(frozen=True)
+class UnitClaim:
+    """A worker's lease on one unit: what it needs to do the unit and to fence its result."""
+
+    unit_id: int
+    stage_id: int
+    run_id: int
+    workflow: str
+    stage_name: str
+    key: str
+    input: dict[str, Any]
+    attempt_number: int  # the stage attempt the unit belongs to
+    try_number: int
+    worker: str
+    run_input: dict[str, Any]
+    subject: str
+
+
+@dataclass(frozen=True)
+class UnitsState:
+    """Where the units of an attempt stand. A unit whose lease expired counts as ready."""
+
+    ready: int
+    running: int
+    done: int
+    failed: list[Unit]
+
+
+def units_plan(claim: Claim, items: list[tuple[str, dict[str, Any]]]) -> None:
+    """Give this attempt the units it still needs, in order: new ones, and those an earlier
+    attempt planned but did not finish (whose workers are fenced out from now on)."""
+    with transaction.atomic():
+        if not _held(claim).exists():
+            raise LeaseLost(f"attempt {claim.attempt_number} of {claim.stage_name} lost its lease")
+        for index, (key, value) in enumerate(items):
+            Unit.objects.update_or_create(
+                stage_id=claim.stage_id,
+                key=key,
+                defaults={
+                    "index": index,
+                    "input": value,
+                    "attempt_number": claim.attempt_number,
+                    "status": UnitStatus.READY,
+                    "worker": "",
+                    "lease_expires_at": None,
+                    "error_code": "",
+                    "error_message": "",
+                    "retryable": True,
+                },
+            )
+
+
+def _stage_run_by(stage_id: int, attempt_number: int) -> QuerySet[Stage, Any]:
+    return Stage.objects.filter(
+        id=stage_id, status=StageStatus.RUNNING, attempt_count=attempt_number
+    ).values("id")
+
+
+def unit_claim(*, stage_id: int, worker: str) -> UnitClaim | None:
+    """Take the lease on the stage's next unit to do (ready, or given up by a worker that
+    stopped heartbeating); None when there is none, or the stage is not running.
+
+    The fencing conditions are on the unit's own row (the stage's go in a subquery): when two
+    workers race for a unit, PostgreSQL re-checks them on the row the winner wrote, so the
+    loser updates nothing. Conditions reached through a join would not be re-checked."""
+    stage = Stage.objects.filter(id=stage_id, status=StageStatus.RUNNING).first()
+    if stage is None:
+        return None
+    claimable = Unit.objects.filter(
+        Q(status=UnitStatus.READY) | Q(status=UnitStatus.RUNNING, lease_expires_at__lt=Now()),
+        stage_id=stage_id,
+        attempt_number=stage.attempt_count,
+    )
+    for _ in range(8):  # each loss of a race means another worker took one: look again
+        unit = claimable.order_by("index").first()
+        if unit is None:
+            return None
+        taken = claimable.filter(
+            id=unit.id,
+            tries=unit.tries,
+            stage_id__in=_stage_run_by(stage_id, stage.attempt_count),
+        ).update(
+            status=UnitStatus.RUNNING,
+            worker=worker,
+            lease_expires_at=Now() + timedelta(seconds=_lease_seconds()),
+            tries=unit.tries + 1,
+            started_at=Now(),
+        )
+        if taken:
+            run = Run.objects.only("workflow", "input", "subject").get(id=stage.run_id)
+            return UnitClaim(
+                unit_id=unit.id,
+                stage_id=stage_id,
+                run_id=stage.run_id,
+                workflow=run.workflow,
+                stage_name=stage.name,
+                key=unit.key,
+                input=unit.input,
+                attempt_number=unit.attempt_number,
+                try_number=unit.tries + 1,
+                worker=worker,
+                run_input=run.input,
+                subject=run.subject,
+            )
+    return None
+
+
+def _unit_held(claim: UnitClaim) -> QuerySet[Unit]:
+    """The unit, only while `claim` holds its unexpired lease and its attempt runs the stage
+    (row conditions, re-checked under a concurrent write: see `unit_claim`)."""
+    return Unit.objects.filter(
+        id=claim.unit_id,
+        attempt_number=claim.attempt_number,
+        status=UnitStatus.RUNNING,
+        worker=claim.worker,
+        tries=claim.try_number,
+        lease_expires_at__gte=Now(),
+        stage_id__in=_stage_run_by(claim.stage_id, claim.attempt_number),
+    )
+
+
+def unit_heartbeat(claim: UnitClaim) -> None:
+    until = Now() + timedelta(seconds=_lease_seconds())
+    if not _unit_held(claim).update(lease_expires_at=until):
+        raise LeaseLost(f"unit {claim.key} of {claim.stage_name} lost its lease")
+
+
+def unit_complete(claim: UnitClaim, *, value: Any, seconds: float) -> bool:
+    """Keep a unit's result as the stage's checkpoint; False if the lease was lost first (a
+    zombie's result is discarded, the unit's new owner writes its own)."""
+    with transaction.atomic():
+        if not _unit_held(claim).update(
+            status=UnitStatus.DONE,
+            lease_expires_at=None,
+            finished_at=Now(),
+            seconds=seconds,
+        ):
+            return False
+        try:
+            with transaction.atomic():
+                Checkpoint.objects.create(
+                    stage_id=claim.stage_id,
+                    key=claim.key,
+                    value=value,
+                    attempt_number=claim.attempt_number,
+                )
+        except IntegrityError:
+            pass  # the same piece was already kept: identical work, nothing to add
+    return True
+
+
+def unit_fail(claim: UnitClaim, failure: Failure, *, seconds: float) -> bool:
+    """Record why a unit failed; its stage's attempt fails with that error once the units
+    still running have finished. False if the lease was lost first."""
+    return bool(
+        _unit_held(claim).update(
+            status=UnitStatus.FAILED,
+            lease_expires_at=None,
+            finished_at=Now(),
+            seconds=seconds,
+            error_code=failure.code,
+            error_message=failure.message,
+            retryable=failure.retryable,
+        )
+    )
+
+
+def units_state(claim: Claim) -> UnitsState:
+    units = Unit.objects.filter(stage_id=claim.stage_id, attempt_number=claim.attempt_number)
+    running = Q(status=UnitStatus.RUNNING)
+    counts = units.aggregate(
+        ready=Count(
+            "id", filter=Q(status=UnitStatus.READY) | running & Q(lease_expires_at__lt=Now())
+        ),
+        running=Count("id", filter=running & Q(lease_expires_at__gte=Now())),
+        done=Count("id", filter=Q(status=UnitStatus.DONE)),
+        failed=Count("id", filter=Q(status=UnitStatus.FAILED)),
+    )
+    failed = units.filter(status=UnitStatus.FAILED).order_by("index") if counts["failed"] else []
+    return UnitsState(
+        ready=counts["ready"], running=counts["running"], done=counts["done"], failed=list(failed)
+    )
 
 
 def llm_call_find(claim: Claim, *, digest: str) -> LLMCall | None:

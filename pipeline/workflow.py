@@ -19,8 +19,11 @@ from pipeline.policy import RetryPolicy
 if TYPE_CHECKING:
     from pipeline.context import StageContext
     from pipeline.models import Run
+    from pipeline.units import UnitContext
 
 StageFunction = Callable[["StageContext"], BaseModel]
+# Does one unit of a stage that fans out (`pipeline.units`); returns its result as JSON.
+UnitFunction = Callable[["UnitContext"], Any]
 # Called with the run and the stage's output model inside the transaction that commits the
 # output: for rows of the domain's own that must exist exactly when the output does.
 SuccessHook = Callable[["Run", Any], None]
@@ -43,6 +46,9 @@ class StageSpec:
     # Runs in the commit of a successful attempt (never for a failed, discarded or reused
     # one); if it raises, the attempt fails and nothing of it is kept.
     on_success: SuccessHook | None = None
+    # For a stage that fans out: the function that does one of its units, on any free worker
+    # of its queue, when the stage function calls `ctx.units_run(...)`.
+    unit: UnitFunction | None = None
     # How many items of an output a person must review (say, statements its evidence does not
     # show); kept on the stage and counted on the dashboard.
     flagged: Callable[[Any], int] | None = None

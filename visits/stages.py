@@ -20,6 +20,7 @@ from pipeline.context import StageContext, artifact_path
 from pipeline.errors import BudgetExceeded, OutputInvalid
 from pipeline.llm import llm_enabled
 from pipeline.policy import RetryPolicy
+from pipeline.units import UnitContext
 from pipeline.workflow import StageSpec, Workflow
 from visits import audio, claims, notes, offline, prompts, transcription
 from visits.errors import EmptyRecording, NoSpeechDetected, RecordingTooLong, UnreadableRecording
@@ -57,34 +58,32 @@ def ingest(ctx: StageContext) -> IngestOutput:
 
 
 def transcribe(ctx: StageContext) -> TranscribeOutput:
-    """Transcribe chunk by chunk; each finished chunk is kept, so a retry starts after it."""
+    """Transcribe chunk by chunk, each a unit any free transcription worker takes; each finished
+    chunk is kept, so a retry starts after it."""
     started = time.monotonic()
     ingested = ctx.output("ingest", IngestOutput)
     pcm = audio.pcm_load(artifact_path(ingested.audio))
     bounds = transcription.chunk_bounds(pcm, settings.TRANSCRIBE_CHUNK_SECONDS)
-    done = ctx.checkpoints(prefix="chunk:")
-    prompt = ctx.input.get("whisper_prompt", "")
     # A chunk heard with another prompt is another transcription: never mix the two.
-    prompted = hashlib.sha256(prompt.encode()).hexdigest()[:12]
-    raw_segments: list[transcription.RawSegment] = []
-    reused = 0
-    ctx.progress(0, len(bounds))
-    for index, (start, end) in enumerate(bounds):
-        # The key names how a chunk was cut into segments and the prompt it was heard with: a
-        # retry after a change of either transcribes again rather than mix two kinds.
-        key = f"chunk:{transcription.SEGMENTS_VERSION}:{prompted}:{index:05d}:{start}:{end}"
-        if key in done:
-            chunk = done[key]
-            reused += 1
-            ctx.usage.saved_audio_seconds += (end - start) / audio.SAMPLE_RATE
+    prompted = hashlib.sha256(ctx.input.get("whisper_prompt", "").encode()).hexdigest()[:12]
+    # The key names how a chunk was cut into segments and the prompt it was heard with: a
+    # retry after a change of either transcribes again rather than mix two kinds.
+    chunks = [
+        (
+            f"chunk:{transcription.SEGMENTS_VERSION}:{prompted}:{index:05d}:{start}:{end}",
+            {"audio": ingested.audio, "start": start, "end": end},
+        )
+        for index, (start, end) in enumerate(bounds)
+    ]
+    kept = ctx.checkpoints(prefix="chunk:")
+    for (key, _), (start, end) in zip(chunks, bounds, strict=True):
+        seconds = (end - start) / audio.SAMPLE_RATE
+        if key in kept:
+            ctx.usage.saved_audio_seconds += seconds
         else:
-            chunk = transcription.transcribe_samples(
-                pcm[start:end], offset_seconds=start / audio.SAMPLE_RATE, prompt=prompt
-            )
-            ctx.checkpoint_save(key, chunk)
-            ctx.usage.audio_seconds += (end - start) / audio.SAMPLE_RATE
-        raw_segments.extend(chunk)
-        ctx.progress(index + 1, len(bounds))
+            ctx.usage.audio_seconds += seconds
+    heard = ctx.units_run(chunks)
+    raw_segments = [segment for key, _ in chunks for segment in heard[key]]
     transcript = Transcript(
         model=transcription.model_choice().name,
         duration_seconds=ingested.duration_seconds,
@@ -105,7 +104,18 @@ def transcribe(ctx: StageContext) -> TranscribeOutput:
         segments=len(transcript.segments),
         words=transcript.word_count,
         chunks=len(bounds),
-        chunks_reused=reused,
+        chunks_reused=len(kept.keys() & heard.keys()),
+    )
+
+
+def transcribe_chunk(unit: UnitContext) -> list[transcription.RawSegment]:
+    """One unit of `transcribe`: a chunk of the decoded audio, heard with the run's prompt."""
+    start, end = unit.input["start"], unit.input["end"]
+    pcm = audio.pcm_load(artifact_path(unit.input["audio"]))[start:end]
+    return transcription.transcribe_samples(
+        pcm,
+        offset_seconds=start / audio.SAMPLE_RATE,
+        prompt=unit.run_input.get("whisper_prompt", ""),
     )
 
 
@@ -202,6 +212,8 @@ VISIT_WORKFLOW = Workflow(
             name="transcribe",
             title="Transcribe",
             run=transcribe,
+            # Chunks fan out to every free worker of the queue (`pipeline.units`).
+            unit=transcribe_chunk,
             output=TranscribeOutput,
             queue=settings.TRANSCRIBE_QUEUE or None,
             policy=RetryPolicy(

@@ -13,10 +13,22 @@ from pathlib import Path
 import pytest
 
 from pipeline import recovery
-from pipeline.models import Attempt, AttemptStatus, Checkpoint, RunStatus, Stage, StageStatus
+from pipeline.models import (
+    Attempt,
+    AttemptStatus,
+    Checkpoint,
+    RunStatus,
+    Stage,
+    StageStatus,
+    Unit,
+)
+from pipeline.states import UnitStatus
 from tests.conftest import SAMPLE_VISIT, SHORT_VISIT, requires_postgres
 from tests.support.cluster import Cluster, wait_for
+from visits.evaluation import word_error_rate
+from visits.schemas import TranscribeOutput
 from visits.services import visit_create, visit_start
+from visits.transcription import transcript_load
 
 pytestmark = [requires_postgres, pytest.mark.cluster, pytest.mark.django_db(transaction=True)]
 
@@ -93,6 +105,36 @@ def test_transcription_routed_to_its_own_queue_runs_there_and_comes_back(
         "summarize": main.process.pid,
         "note": main.process.pid,
     }
+
+
+def test_transcription_fans_out_to_both_workers_and_hears_what_one_pass_hears(
+    clusters, tmp_path, clinician
+):
+    cluster = start_cluster(clusters, tmp_path)
+    fanned = visit_create(clinician=clinician, recording=SAMPLE_VISIT)
+    visit_start(visit=fanned)
+    wait_for(lambda: run_status(fanned) in FINAL, timeout=180, what="the run to finish")
+    assert run_status(fanned) == RunStatus.SUCCEEDED, cluster.log()
+
+    units = Unit.objects.filter(stage__run=fanned.current_run, stage__name="transcribe")
+    assert len(units) >= 3 and all(u.status == UnitStatus.DONE for u in units)
+    # Chunks were heard by both worker processes, not queued behind one.
+    assert len({unit.worker for unit in units}) == 2
+    assert sum(unit.tries for unit in units) == len(units)
+
+    # The same chunks heard one after another, in this process (whose Whisper may run more
+    # threads: the sums of a float model can then differ in the last bit, hence the margin).
+    one_pass = visit_create(clinician=clinician, recording=SAMPLE_VISIT)
+    visit_start(visit=one_pass, inline=True)
+    assert run_status(one_pass) == RunStatus.SUCCEEDED
+    fanned_text, one_pass_text = (
+        " ".join(
+            s.text
+            for s in transcript_load(TranscribeOutput(**stage(v, "transcribe").output)).segments
+        )
+        for v in (fanned, one_pass)
+    )
+    assert word_error_rate(one_pass_text, fanned_text) <= 0.01
 
 
 def test_killed_cluster_is_recovered_by_the_sweep_and_resumes_from_its_last_chunk(
