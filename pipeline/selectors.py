@@ -29,7 +29,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.models import Attempt, AuditEntry, LLMCall, Run, Stage
+from pipeline.models import Attempt, AuditEntry, Checkpoint, LLMCall, Run, Stage
 from pipeline.states import StageStatus
 from pipeline.workflow import workflow_get
 
@@ -311,4 +311,22 @@ def failed_error_codes() -> list[str]:
         .order_by("error_code")
         .values_list("error_code", flat=True)
         .distinct()
+    )
+
+
+class Erasable(BaseModel):
+    """What of its subject a set of runs still holds (`store.runs_erase` would remove it)."""
+
+    checkpoints: int
+    llm_answers: int
+    outputs: int
+
+
+def runs_erasable(run_ids: Sequence[int], *, outputs_kept: Sequence[str]) -> Erasable:
+    return Erasable(
+        checkpoints=Checkpoint.objects.filter(stage__run_id__in=run_ids).count(),
+        llm_answers=LLMCall.objects.filter(stage__run_id__in=run_ids).exclude(content="").count(),
+        outputs=Stage.objects.filter(run_id__in=run_ids, output__isnull=False)
+        .exclude(name__in=outputs_kept)
+        .count(),
     )

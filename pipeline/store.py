@@ -14,6 +14,7 @@ host whose clock is skewed can neither take a live lease nor keep an expired one
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -560,6 +561,31 @@ def stages_mark_enqueued(stage_ids: list[int]) -> list[Stage]:
     stages = list(Stage.objects.filter(id__in=stage_ids).select_related("run"))
     Stage.objects.filter(id__in=[stage.id for stage in stages]).update(enqueued_at=Now())
     return stages
+
+
+def runs_erase(
+    *,
+    run_ids: Sequence[int],
+    outputs_kept: Sequence[str],
+    placeholders: dict[str, dict[str, Any]],
+    reason: str,
+) -> None:
+    """Erase what runs hold of their subject (a domain's retention): cancel any still going,
+    delete their checkpoints and units, empty the model's answers and every stage output but
+    `outputs_kept` (to its `placeholders` entry, or to nothing). The ledger's tokens, cost and
+    model, the attempts and the audit entries stay: they are figures, not the subject's data.
+    Call it inside the domain's transaction."""
+    for run in Run.objects.filter(id__in=run_ids, status__in=[RunStatus.QUEUED, RunStatus.RUNNING]):
+        run_mark_cancelled(run=run, reason=reason)
+    Checkpoint.objects.filter(stage__run_id__in=run_ids).delete()
+    Unit.objects.filter(stage__run_id__in=run_ids).delete()
+    LLMCall.objects.filter(stage__run_id__in=run_ids).update(content="")
+    outputs = Stage.objects.filter(run_id__in=run_ids, output__isnull=False).exclude(
+        name__in=outputs_kept
+    )
+    for name, placeholder in placeholders.items():
+        outputs.filter(name=name).update(output=placeholder)
+    outputs.exclude(name__in=placeholders).update(output=None)
 
 
 # --- inside an attempt: checkpoints and the LLM ledger --------------------------------------

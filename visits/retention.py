@@ -33,8 +33,8 @@ from pydantic import BaseModel
 from pipeline import store
 from pipeline.context import artifact_path, attempt_dir, storage_root
 from pipeline.errors import OperationRefused
-from pipeline.models import Checkpoint, LLMCall, Run, Stage
-from pipeline.states import RunStatus
+from pipeline.models import Run, Stage
+from pipeline.selectors import runs_erasable
 from visits.audit import Action, audit_record
 from visits.models import Visit, visit_id_of_subject, visit_subject
 from visits.schemas import ClinicalSummary, NoteOutput, PostVisitNote, SOAPNote, SummarizeOutput
@@ -210,26 +210,21 @@ def _recordings(visit: Visit, run_ids: list[int]) -> tuple[set[Path], set[Path]]
     return {path for path in delete if path.exists()}, {path for path in keep if path.exists()}
 
 
-def _outputs_to_empty(run_ids: list[int]) -> QuerySet[Stage]:
-    return Stage.objects.filter(run_id__in=run_ids, output__isnull=False).exclude(
-        name__in=OUTPUTS_WITHOUT_PHI
-    )
-
-
 def visit_purge_plan(visit: Visit) -> PurgePlan:
     """What `visit_purge` would delete now (for --dry-run, and what it then does)."""
     run_ids = list(Run.objects.filter(subject=visit.subject).values_list("id", flat=True))
     artifacts, kept_artifacts = _artifact_dirs(visit, run_ids)
     recordings, kept_recordings = _recordings(visit, run_ids)
+    erasable = runs_erasable(run_ids, outputs_kept=sorted(OUTPUTS_WITHOUT_PHI))
     return PurgePlan(
         visit_id=visit.pk,
         run_ids=run_ids,
         recordings=sorted(recordings),
         artifacts=sorted(artifacts),
         kept=sorted(kept_recordings | kept_artifacts),
-        checkpoints=Checkpoint.objects.filter(stage__run_id__in=run_ids).count(),
-        llm_calls=LLMCall.objects.filter(stage__run_id__in=run_ids).exclude(content="").count(),
-        outputs=_outputs_to_empty(run_ids).count(),
+        checkpoints=erasable.checkpoints,
+        llm_calls=erasable.llm_answers,
+        outputs=erasable.outputs,
     )
 
 
@@ -280,18 +275,15 @@ def visit_purge(
             )
         plan = visit_purge_plan(locked)
         # A run still going would read what is about to go; none should be, this late.
-        for run in Run.objects.filter(
-            id__in=plan.run_ids, status__in=[RunStatus.QUEUED, RunStatus.RUNNING]
-        ):
-            store.run_mark_cancelled(run=run, reason="the visit was purged (retention policy)")
-        Checkpoint.objects.filter(stage__run_id__in=plan.run_ids).delete()
-        # The bodies go; the tokens, cost and model stay: the ledger's figures are not PHI.
-        LLMCall.objects.filter(stage__run_id__in=plan.run_ids).update(content="")
-        for name, placeholder in PURGED_OUTPUTS.items():
-            _outputs_to_empty(plan.run_ids).filter(name=name).update(
-                output=placeholder.model_dump(mode="json")
-            )
-        _outputs_to_empty(plan.run_ids).exclude(name__in=PURGED_OUTPUTS).update(output=None)
+        store.runs_erase(
+            run_ids=plan.run_ids,
+            outputs_kept=sorted(OUTPUTS_WITHOUT_PHI),
+            placeholders={
+                name: placeholder.model_dump(mode="json")
+                for name, placeholder in PURGED_OUTPUTS.items()
+            },
+            reason="the visit was purged (retention policy)",
+        )
         locked.purged_at = timezone.now()
         locked.recording.name = ""
         # The uploaded file's own name may name the patient: only its extension stays.
