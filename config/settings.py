@@ -240,6 +240,12 @@ LOGGING = {
     "loggers": {"faster_whisper": {"level": "WARNING"}, "httpx": {"level": "WARNING"}},
 }
 
+# Traces (pipeline/tracing.py): a span per attempt and per model call, sent over OTLP/HTTP to
+# this base URL (a collector's, e.g. http://127.0.0.1:4318; /v1/traces is appended). Empty:
+# nothing is set up. The exporter reads OTEL_EXPORTER_OTLP_HEADERS and the like itself.
+OTEL_EXPORTER_OTLP_ENDPOINT = env_str("OTEL_EXPORTER_OTLP_ENDPOINT", "")
+OTEL_SERVICE_NAME = env_str("OTEL_SERVICE_NAME", "visit-pipeline")
+
 # --- The durable engine -------------------------------------------------------------------
 # A claimed stage must heartbeat within this many seconds or the sweep takes it back.
 PIPELINE_LEASE_SECONDS = env_float("PIPELINE_LEASE_SECONDS", 30.0)

@@ -9,5 +9,7 @@ class PipelineConfig(AppConfig):
     def ready(self) -> None:
         from pipeline import checks  # noqa: F401  (registers the system checks)
         from pipeline.schedule import sweep_schedule_ensure
+        from pipeline.tracing import tracing_setup
 
         post_migrate.connect(sweep_schedule_ensure, sender=self)
+        tracing_setup()  # when OTEL_EXPORTER_OTLP_ENDPOINT is set; see there about forks

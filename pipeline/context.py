@@ -70,8 +70,13 @@ class Heartbeat(LeaseKeeper):
     """Extends an attempt's lease on its stage while the stage works; the completion is fenced
     out in any case once the lease is lost."""
 
-    def __init__(self, claim: store.Claim) -> None:
-        super().__init__(lambda: store.stage_heartbeat(claim), name="stage-heartbeat")
+    def __init__(self, claim: store.Claim, *, also: Callable[[], None] | None = None) -> None:
+        def beat() -> None:
+            store.stage_heartbeat(claim)
+            if also is not None:
+                also()  # a scheduler's own liveness signal (Temporal's activity heartbeat)
+
+        super().__init__(beat, name="stage-heartbeat")
 
 
 class StageContext:

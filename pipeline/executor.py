@@ -11,16 +11,19 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 
 import structlog
 from django.conf import settings
 from django.db import DatabaseError
 from django.utils import timezone
 
-from pipeline import dispatch, policy, recovery, store
+from pipeline import dispatch, policy, recovery, store, tracing
 from pipeline.context import Heartbeat, StageContext
 from pipeline.errors import LeaseLost
-from pipeline.models import Run
+from pipeline.models import Run, Stage
 from pipeline.states import FINAL_RUN_STATUSES, StageStatus
 from pipeline.workflow import workflow_get
 
@@ -45,8 +48,49 @@ def stage_execute(stage_id: int, *, worker: str | None = None) -> None:
         next_id = _attempt_run(claim)
 
 
+@dataclass(frozen=True)
+class AttemptOutcome:
+    """How an attempt ended, as recorded: the stage's status after it; after a success the
+    stage that follows, after a failure how it was classified and what the policy decided."""
+
+    stage_status: str
+    next_stage: Stage | None = None
+    failure: policy.Failure | None = None
+    decision: policy.Decision | None = None
+    retry_at: datetime | None = None
+
+
+LOST = AttemptOutcome(stage_status="lost")  # the lease went elsewhere: nothing was recorded
+
+
 def _attempt_run(claim: store.Claim) -> int | None:
-    """Run one attempt; return the id of the stage this worker should claim next, if any.
+    """Run one attempt; return the id of the stage this worker should claim next, if any."""
+    outcome = attempt_execute(claim)
+    if outcome.failure is None:
+        next_stage = outcome.next_stage
+        if next_stage is None:
+            return None
+        spec = workflow_get(claim.workflow).stage(claim.stage_name)
+        if workflow_get(claim.workflow).stage(next_stage.name).queue == spec.queue:
+            return next_stage.id
+        dispatch.stage_enqueue([next_stage.id])
+        return None
+    if outcome.stage_status != StageStatus.READY or outcome.retry_at is None:
+        return None
+    # A short backoff is waited out here; a long one is left to the recovery sweep, so a
+    # worker is never parked for minutes.
+    wait = (outcome.retry_at - timezone.now()).total_seconds()
+    if wait > settings.PIPELINE_INLINE_RETRY_MAX_SECONDS:
+        return None
+    time.sleep(max(0.0, wait))
+    return claim.stage_id
+
+
+def attempt_execute(
+    claim: store.Claim, *, beat: Callable[[], None] | None = None
+) -> AttemptOutcome:
+    """Run one attempt of a claimed stage and record how it ended; the same path whichever
+    backend scheduled it. `beat` is called with every lease extension (Temporal's heartbeat).
     Every line logged meanwhile, here or in the stage, names the attempt (`config.logs`)."""
     with structlog.contextvars.bound_contextvars(
         subject=claim.subject,
@@ -54,13 +98,13 @@ def _attempt_run(claim: store.Claim) -> int | None:
         stage=claim.stage_name,
         attempt=claim.attempt_number,
     ):
-        return _attempt_run_bound(claim)
+        return _attempt_execute_bound(claim, beat)
 
 
-def _attempt_run_bound(claim: store.Claim) -> int | None:
+def _attempt_execute_bound(claim: store.Claim, beat: Callable[[], None] | None) -> AttemptOutcome:
     spec = workflow_get(claim.workflow).stage(claim.stage_name)
     started = time.monotonic()
-    with Heartbeat(claim) as heartbeat:
+    with tracing.attempt_span(claim), Heartbeat(claim, also=beat) as heartbeat:
         ctx = StageContext(claim, heartbeat)
         try:
             returned = spec.run(ctx)
@@ -68,8 +112,9 @@ def _attempt_run_bound(claim: store.Claim) -> int | None:
             output = spec.output_dump(returned)
             ctx.usage.compute_seconds = ctx.usage.compute_seconds or time.monotonic() - started
             next_stage = store.attempt_complete(claim, output=output, usage=ctx.usage)
-        except LeaseLost:
+        except LeaseLost as exc:
             # Someone else owns the stage now (or it was cancelled): write nothing more.
+            tracing.attempt_failed(exc)
             logger.warning(
                 "attempt %s of stage %s (run %s) lost its lease; discarding its work",
                 claim.attempt_number,
@@ -77,7 +122,7 @@ def _attempt_run_bound(claim: store.Claim) -> int | None:
                 claim.run_id,
             )
             ctx.discard_artifacts()
-            return None
+            return LOST
         except DatabaseError as exc:
             # The connection may have failed at COMMIT after the database committed, and the
             # committed output refers to the artifacts: they go only once the database says
@@ -104,17 +149,12 @@ def _attempt_run_bound(claim: store.Claim) -> int | None:
         claim.attempt_number,
         time.monotonic() - started,
     )
-    if next_stage is None:
-        return None
-    if workflow_get(claim.workflow).stage(next_stage.name).queue == spec.queue:
-        return next_stage.id
-    dispatch.stage_enqueue([next_stage.id])
-    return None
+    return AttemptOutcome(stage_status=StageStatus.SUCCEEDED, next_stage=next_stage)
 
 
 def _attempt_failed(
     claim: store.Claim, ctx: StageContext, exc: Exception, *, elapsed: float
-) -> int | None:
+) -> AttemptOutcome:
     stage_policy = workflow_get(claim.workflow).stage(claim.stage_name).policy
     failure = policy.failure_from_exception(exc, stage_policy)
     decision = policy.retry_decision(
@@ -133,15 +173,15 @@ def _attempt_failed(
         failure.code,
         "" if stage is None else f"; stage is now {stage.status}",
     )
-    if stage is None or stage.status != StageStatus.READY or stage.next_attempt_at is None:
-        return None
-    # A short backoff is waited out here; a long one is left to the recovery sweep, so a
-    # worker is never parked for minutes.
-    wait = (stage.next_attempt_at - timezone.now()).total_seconds()
-    if wait > settings.PIPELINE_INLINE_RETRY_MAX_SECONDS:
-        return None
-    time.sleep(max(0.0, wait))
-    return stage.id
+    tracing.attempt_failed(exc)
+    if stage is None:
+        return LOST
+    return AttemptOutcome(
+        stage_status=stage.status,
+        failure=failure,
+        decision=decision,
+        retry_at=stage.next_attempt_at,
+    )
 
 
 def run_execute_inline(run: Run, *, worker: str | None = None) -> Run:

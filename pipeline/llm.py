@@ -23,7 +23,7 @@ from openai.lib._parsing._completions import type_to_response_format_param
 from openai.types.chat import ChatCompletionMessageParam
 from pydantic import BaseModel, ValidationError
 
-from pipeline import prices, store
+from pipeline import prices, store, tracing
 from pipeline.budgets import spend_allowed
 from pipeline.errors import OutputInvalid, PermanentError, TransientError
 from pipeline.model_policies import model_for_stage
@@ -201,52 +201,69 @@ class LLMGateway:
     def _call(
         self, model: str, messages: list[ChatCompletionMessageParam], response_format: Any
     ) -> str:
-        """One request, sent only if no earlier attempt of this stage got its answer."""
+        """One request, sent only if no earlier attempt of this stage got its answer; traced
+        (`pipeline.tracing`) whether it is sent or found in the memo."""
         claim = self._ctx.claim
         digest = request_digest(model, messages, response_format)
-        found = store.llm_call_find(claim, digest=digest)
-        if found is not None:
-            logger.info("run %s %s: reused an answered LLM call", claim.run_id, claim.stage_name)
-            self._ctx.usage.saved_input_tokens += found.input_tokens
-            self._ctx.usage.saved_output_tokens += found.output_tokens
-            self._ctx.usage.saved_cost_usd += found.cost_usd
-            return found.content
-        self._ctx.heartbeat()
-        spend_allowed(subject=claim.subject)
-        client = _client(
-            settings.OPENAI_API_KEY, settings.OPENAI_BASE_URL, settings.LLM_REQUEST_TIMEOUT_SECONDS
-        )
-        started = time.monotonic()
-        try:
-            completion = client.chat.completions.create(
-                model=model,
-                messages=messages,
-                response_format=response_format,
-                max_tokens=int(settings.LLM_MAX_OUTPUT_TOKENS),
+        max_tokens = int(settings.LLM_MAX_OUTPUT_TOKENS)
+        with tracing.llm_span(model, max_tokens=max_tokens) as span:
+            found = store.llm_call_find(claim, digest=digest)
+            if found is not None:
+                logger.info(
+                    "run %s %s: reused an answered LLM call", claim.run_id, claim.stage_name
+                )
+                self._ctx.usage.saved_input_tokens += found.input_tokens
+                self._ctx.usage.saved_output_tokens += found.output_tokens
+                self._ctx.usage.saved_cost_usd += found.cost_usd
+                span.reused(
+                    input_tokens=found.input_tokens,
+                    output_tokens=found.output_tokens,
+                    cost_usd=found.cost_usd,
+                )
+                return found.content
+            self._ctx.heartbeat()
+            spend_allowed(subject=claim.subject)
+            client = _client(
+                settings.OPENAI_API_KEY,
+                settings.OPENAI_BASE_URL,
+                settings.LLM_REQUEST_TIMEOUT_SECONDS,
             )
-        except openai.OpenAIError as exc:
-            raise classify_openai_error(exc) from exc
-        duration_ms = int((time.monotonic() - started) * 1000)
-        usage = completion.usage
-        input_tokens = usage.prompt_tokens if usage else 0
-        output_tokens = usage.completion_tokens if usage else 0
-        content = (completion.choices[0].message.content or "") if completion.choices else ""
-        # Another attempt may have been answered first: go on with the answer it recorded.
-        return store.llm_call_record(
-            claim,
-            digest=digest,
-            model=model,
-            content=content,
-            input_tokens=input_tokens,
-            output_tokens=output_tokens,
-            cost_usd=prices.cost_usd(
-                model,
-                timezone.now().date(),
+            started = time.monotonic()
+            try:
+                completion = client.chat.completions.create(
+                    model=model,
+                    messages=messages,
+                    response_format=response_format,
+                    max_tokens=max_tokens,
+                )
+            except openai.OpenAIError as exc:
+                raise classify_openai_error(exc) from exc
+            duration_ms = int((time.monotonic() - started) * 1000)
+            usage = completion.usage
+            input_tokens = usage.prompt_tokens if usage else 0
+            output_tokens = usage.completion_tokens if usage else 0
+            content = (completion.choices[0].message.content or "") if completion.choices else ""
+            cost_usd = prices.cost_usd(
+                model, timezone.now().date(), input_tokens=input_tokens, output_tokens=output_tokens
+            )
+            span.answered(
+                response_model=completion.model,
                 input_tokens=input_tokens,
                 output_tokens=output_tokens,
-            ),
-            duration_ms=duration_ms,
-        )
+                cost_usd=cost_usd,
+                finish_reasons=[c.finish_reason for c in completion.choices if c.finish_reason],
+            )
+            # Another attempt may have been answered first: go on with the answer it recorded.
+            return store.llm_call_record(
+                claim,
+                digest=digest,
+                model=model,
+                content=content,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cost_usd=cost_usd,
+                duration_ms=duration_ms,
+            )
 
 
 def _problem(content: str, output_type: type[T], check: Callable[[T], None] | None) -> str | None:
