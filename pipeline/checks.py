@@ -53,6 +53,14 @@ def check_queue_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.
                 id="pipeline.E003",
             )
         )
+    if settings.PIPELINE_BACKEND not in ("builtin", "temporal"):
+        errors.append(
+            checks.Error(
+                f"PIPELINE_BACKEND is {settings.PIPELINE_BACKEND!r}: it must be 'builtin' or "
+                "'temporal'.",
+                id="pipeline.E007",
+            )
+        )
     lease = settings.PIPELINE_LEASE_SECONDS
     if lease <= 0 or settings.PIPELINE_SWEEP_SECONDS <= 0:
         errors.append(

@@ -1,5 +1,6 @@
-"""Hands stages to django-q2. A queue message is only a wake-up call naming a stage; the
-database says whether there is anything to do when it arrives."""
+"""Hands stages to django-q2 (or, with `PIPELINE_BACKEND=temporal`, to Temporal). A queue
+message is only a wake-up call naming a stage; the database says whether there is anything to
+do when it arrives."""
 
 from __future__ import annotations
 
@@ -12,6 +13,12 @@ from pipeline.workflow import Workflow, workflow_get
 
 TASK_STAGE_EXECUTE = "pipeline.tasks.stage_execute"
 TASK_UNITS_WORK = "pipeline.tasks.units_work"
+
+
+def temporal_backend() -> bool:
+    """Whether Temporal schedules the stages (`pipeline.temporal`, whose SDK is imported only
+    then) rather than django-q2."""
+    return settings.PIPELINE_BACKEND == "temporal"
 
 
 def task_timeout_seconds(workflow: Workflow, stage_name: str) -> int:
@@ -33,6 +40,12 @@ def stage_enqueue(stage_ids: list[int]) -> None:
     """Send a wake-up message per stage once the current transaction commits."""
     stages = store.stages_mark_enqueued(stage_ids)
     if not stages:
+        return
+    if temporal_backend():
+        from pipeline import temporal
+
+        run_ids = [stage.run_id for stage in stages]
+        transaction.on_commit(lambda: temporal.runs_drive(run_ids))
         return
 
     def send() -> None:
@@ -58,8 +71,16 @@ def units_enqueue(claim: store.Claim, *, count: int) -> None:
         return
     workflow = workflow_get(claim.workflow)
     spec = workflow.stage(claim.stage_name)
+    timeout = task_timeout_seconds(workflow, claim.stage_name)
+    if temporal_backend():
+        from pipeline import temporal
+
+        transaction.on_commit(
+            lambda: temporal.units_helpers_start(claim, count=count, timeout_seconds=timeout)
+        )
+        return
     options: dict[str, object] = {
-        "timeout": task_timeout_seconds(workflow, claim.stage_name),
+        "timeout": timeout,
         "cluster": spec.queue or settings.Q_CLUSTER["name"],
     }
 

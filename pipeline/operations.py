@@ -158,3 +158,7 @@ def run_cancel(*, run: Run, operator: Operator, reason: str) -> None:
         if not store.run_mark_cancelled(run=run, reason=f"cancelled by {operator.label}: {reason}"):
             raise OperationRefused(f"Run {run.pk} is already {run.status}; nothing to cancel.")
         store.audit_record(action=OperatorAction.CANCEL, operator=operator, run=run, reason=reason)
+        if dispatch.temporal_backend():
+            from pipeline import temporal
+
+            transaction.on_commit(lambda: temporal.run_workflow_cancel(run.pk))

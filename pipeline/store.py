@@ -254,8 +254,9 @@ def audit_record(
 # --- claiming and running one attempt -------------------------------------------------------
 
 
-def stage_claim(*, stage_id: int, worker: str) -> Claim | None:
+def stage_claim(*, stage_id: int, worker: str, due_only: bool = True) -> Claim | None:
     """Take the lease on a ready, due stage and open its next attempt; None if not ours to run.
+    With `due_only=False` a backoff not yet over is no obstacle (Temporal has timed it).
 
     PostgreSQL locks the row with SKIP LOCKED so that racing workers never wait on each other;
     elsewhere the conditional UPDATE alone decides who wins."""
@@ -263,7 +264,7 @@ def stage_claim(*, stage_id: int, worker: str) -> Claim | None:
     if stage is None or stage.status != StageStatus.READY:
         return None
     now: datetime = stage.db_now  # read with the row: the attempt's start and deadline
-    if stage.next_attempt_at is not None and stage.next_attempt_at > now:
+    if due_only and stage.next_attempt_at is not None and stage.next_attempt_at > now:
         return None
     deadline = policy.attempt_deadline(_spec(stage).policy, started_at=now)
     lease_until = policy.lease_until(now=now, deadline=deadline, lease_seconds=_lease_seconds())

@@ -1,4 +1,6 @@
-"""Durability against a real django-q2 cluster on PostgreSQL: no `sync=True` here.
+"""Durability against a real django-q2 cluster on PostgreSQL: no `sync=True` here. The
+contract both backends keep (a visit, faults, retry, re-run, cancel, a killed worker) is in
+`test_contract.py`; these are the built-in engine's own: routed queues, fan-out, zombies.
 
 Clusters run as child processes on the test database; the test process only enqueues, kills,
 sweeps and reads the database."""
@@ -16,7 +18,6 @@ from pipeline import recovery
 from pipeline.models import (
     Attempt,
     AttemptStatus,
-    Checkpoint,
     RunStatus,
     Stage,
     StageStatus,
@@ -58,27 +59,6 @@ def run_status(visit) -> str:
 
 def stage(visit, name: str) -> Stage:
     return Stage.objects.get(run=visit.current_run, name=name)
-
-
-def test_cluster_processes_a_visit(clusters, tmp_path, clinician):
-    cluster = start_cluster(clusters, tmp_path)
-    visit = visit_create(clinician=clinician, recording=SHORT_VISIT)
-    visit_start(visit=visit)
-
-    wait_for(lambda: run_status(visit) in FINAL, timeout=120, what="the run to finish")
-
-    assert run_status(visit) == RunStatus.SUCCEEDED, cluster.log()
-    attempts = Attempt.objects.filter(stage__run=visit.current_run).order_by("stage__position")
-    assert [(a.stage.name, a.number, a.status) for a in attempts] == [
-        ("ingest", 1, "succeeded"),
-        ("transcribe", 1, "succeeded"),
-        ("summarize", 1, "succeeded"),
-        ("note", 1, "succeeded"),
-    ]
-    # The work happened in the cluster's worker processes, not in this one.
-    assert all(not a.worker.endswith(f":{os.getpid()}") for a in attempts)
-    transcript = stage(visit, "transcribe").output
-    assert transcript["words"] > 10
 
 
 def test_transcription_routed_to_its_own_queue_runs_there_and_comes_back(
@@ -135,41 +115,6 @@ def test_transcription_fans_out_to_both_workers_and_hears_what_one_pass_hears(
         for v in (fanned, one_pass)
     )
     assert word_error_rate(one_pass_text, fanned_text) <= 0.01
-
-
-def test_killed_cluster_is_recovered_by_the_sweep_and_resumes_from_its_last_chunk(
-    clusters, tmp_path, clinician
-):
-    first = start_cluster(clusters, tmp_path)
-    visit = visit_create(clinician=clinician, recording=SAMPLE_VISIT)
-    visit_start(visit=visit)
-
-    # Kill the whole cluster once transcription has kept at least one finished chunk.
-    wait_for(
-        lambda: Checkpoint.objects.filter(stage__run=visit.current_run).exists(),
-        timeout=120,
-        what="the first transcribed chunk",
-    )
-    first.kill()
-    transcribe = stage(visit, "transcribe")
-    assert transcribe.status == StageStatus.RUNNING  # nobody has told the database yet
-    kept = Checkpoint.objects.filter(stage=transcribe).count()
-
-    second = start_cluster(clusters, tmp_path)
-    # The lease (2 s) expires; the sweep takes the stage back and sends it to the new cluster.
-    wait_for(lambda: recovery.sweep().reaped, timeout=30, what="the sweep to reap the lease")
-    wait_for(lambda: run_status(visit) in FINAL, timeout=120, what="the run to finish")
-
-    assert run_status(visit) == RunStatus.SUCCEEDED, second.log()
-    attempts = list(stage(visit, "transcribe").attempts.order_by("number"))
-    assert [(a.number, a.status, a.error_code) for a in attempts] == [
-        (1, AttemptStatus.LOST, "lease_lost"),
-        (2, AttemptStatus.SUCCEEDED, ""),
-    ]
-    assert stage(visit, "ingest").attempts.count() == 1  # earlier work was not redone
-    output = stage(visit, "transcribe").output
-    assert output["chunks_reused"] >= kept >= 1
-    assert output["chunks"] > output["chunks_reused"] or kept == output["chunks"]
 
 
 def test_a_zombie_worker_cannot_overwrite_the_newer_attempt(clusters, tmp_path, clinician):

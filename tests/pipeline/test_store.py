@@ -310,6 +310,14 @@ def test_system_check_flags_a_queue_retry_shorter_than_a_stage(settings):
     assert [message.id for message in checks.check_queue_settings()] == ["pipeline.E002"]
 
 
+@pytest.mark.parametrize(
+    ("backend", "errors"), [("builtin", []), ("temporal", []), ("celery", ["pipeline.E007"])]
+)
+def test_system_check_knows_the_two_backends(settings, backend, errors):
+    settings.PIPELINE_BACKEND = backend
+    assert [message.id for message in checks.check_queue_settings()] == errors
+
+
 def test_a_success_hook_runs_in_the_commit_of_the_output_and_a_failing_one_keeps_nothing(
     settings,
 ):
