@@ -42,8 +42,11 @@ def one_stage(name: str) -> Workflow:
 
 
 def database_now() -> datetime:
-    """The clock both hosts share: on a test machine the database's clock is the real one."""
-    return datetime.now(UTC)
+    """The clock both hosts share: on a test machine the database's clock is the real one.
+    Floored to the millisecond, the precision SQLite keeps its `Now()` at: a time it stored
+    within the same millisecond is then never "before" this one."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 # --- 1. leases and deadlines run on the database's clock ------------------------------------
