@@ -316,6 +316,10 @@ TRANSCRIBE_CHUNK_SECONDS = env_float("TRANSCRIBE_CHUNK_SECONDS", 120.0)
 # --- Recordings ----------------------------------------------------------------------------
 RECORDING_MAX_BYTES = env_int("RECORDING_MAX_BYTES", 500 * 1024 * 1024)
 RECORDING_MAX_SECONDS = env_float("RECORDING_MAX_SECONDS", 4 * 3600.0)
+# Limits of the child process that decodes an upload (ingest): a decoder bug or a crafted file
+# can exhaust only it. A 4-hour recording decodes in well under both.
+RECORDING_DECODE_MEMORY_MB = env_int("RECORDING_DECODE_MEMORY_MB", 2048)
+RECORDING_DECODE_CPU_SECONDS = env_int("RECORDING_DECODE_CPU_SECONDS", 600)
 
 # --- LLM -----------------------------------------------------------------------------------
 OPENAI_API_KEY = env_str("OPENAI_API_KEY", "")

@@ -4,12 +4,16 @@ whole in memory."""
 
 from __future__ import annotations
 
+import json
+import resource
+import subprocess
+import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import av
 import numpy as np
@@ -137,6 +141,80 @@ def recording_normalize(
     return DecodedRecording(duration_seconds=duration, source_format=fmt, declared_seconds=declared)
 
 
+# The errors a decode may end in, by name: what a child process sends back is re-raised as is.
+_DECODE_ERRORS: dict[str, type[UnreadableRecording | EmptyRecording | RecordingTooLong]] = {
+    error.__name__: error for error in (EmptyRecording, RecordingTooLong, UnreadableRecording)
+}
+
+
+def recording_normalize_isolated(
+    source: Path,
+    dest: Path,
+    *,
+    max_seconds: float,
+    memory_bytes: int,
+    cpu_seconds: int,
+    heartbeat: Callable[[], None] | None = None,
+) -> DecodedRecording:
+    """`recording_normalize` in a child process limited to `memory_bytes` of address space and
+    `cpu_seconds` of CPU, writing to the file `dest`: a decoder bug or a crafted file can then
+    exhaust only the child, never the worker. The worker heartbeats while it waits, and what
+    `heartbeat` raises (a lost lease, a passed deadline) stops the child at once.
+
+    The child is a fresh interpreter running this module (not a fork of a worker that holds
+    threads and connections, nor multiprocessing's spawn, which re-imports the caller's main)."""
+    limits = [str(max_seconds), str(memory_bytes), str(cpu_seconds)]
+    child = subprocess.Popen(
+        [sys.executable, "-m", __name__, str(source), str(dest), *limits],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while True:
+            try:
+                out, _ = child.communicate(timeout=HEARTBEAT_INTERVAL_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                if heartbeat is not None:
+                    heartbeat()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+    try:
+        kind, payload = json.loads(out)
+    except ValueError:  # no answer: the child was stopped by a limit, or crashed
+        raise UnreadableRecording(
+            "The recording could not be decoded within the limits a recording is given "
+            f"({memory_bytes // 2**20} MB of memory, {cpu_seconds} s of CPU): it may be "
+            f"damaged or crafted. Export it again as a {SUPPORTED_FORMATS} file and upload it."
+        ) from None
+    if kind == "ok":
+        return DecodedRecording(**payload)
+    raise _DECODE_ERRORS[kind](payload)
+
+
+def _decode_child(argv: list[str]) -> None:
+    """The child's side: set the limits, decode, print the result or the error's words."""
+    source, dest, max_seconds, memory_bytes, cpu_seconds = argv
+    resource.setrlimit(resource.RLIMIT_AS, (int(memory_bytes), int(memory_bytes)))
+    resource.setrlimit(resource.RLIMIT_CPU, (int(cpu_seconds), int(cpu_seconds) + 5))
+    try:
+        with open(dest, "wb") as out:
+            decoded = recording_normalize(Path(source), out, max_seconds=float(max_seconds))
+        answer: list[Any] = ["ok", asdict(decoded)]
+    except (EmptyRecording, RecordingTooLong, UnreadableRecording) as exc:
+        # FFmpeg out of memory is the limit speaking, not the file: the parent says so.
+        if isinstance(exc.__cause__, MemoryError):
+            return
+        answer = [type(exc).__name__, str(exc)]
+    except MemoryError:
+        return  # said by the parent, which sees no answer
+    sys.stdout.write(json.dumps(answer))
+
+
 def _check_channels_and_rate(channels: int, sample_rate: int) -> None:
     if channels > MAX_CHANNELS:
         raise UnreadableRecording(
@@ -186,3 +264,7 @@ def pcm_load(path: Path) -> np.ndarray:
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=np.int16)
     return np.memmap(path, dtype=np.int16, mode="r")
+
+
+if __name__ == "__main__":
+    _decode_child(sys.argv[1:])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 from django.conf import settings
@@ -45,8 +46,14 @@ def ingest(ctx: StageContext) -> IngestOutput:
     """Decode the uploaded recording into 16 kHz mono PCM."""
     source = artifact_path(ctx.input["recording"])
     with ctx.artifact_writer("audio.s16le") as pcm:
-        decoded = audio.recording_normalize(
-            source, pcm, max_seconds=settings.RECORDING_MAX_SECONDS, heartbeat=ctx.heartbeat
+        # Decoded in a child process with limits: the upload is untrusted.
+        decoded = audio.recording_normalize_isolated(
+            source,
+            Path(pcm.name),
+            max_seconds=settings.RECORDING_MAX_SECONDS,
+            memory_bytes=settings.RECORDING_DECODE_MEMORY_MB * 2**20,
+            cpu_seconds=settings.RECORDING_DECODE_CPU_SECONDS,
+            heartbeat=ctx.heartbeat,
         )
     return IngestOutput(
         audio=ctx.artifact_ref("audio.s16le"),

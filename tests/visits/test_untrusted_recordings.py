@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import io
 import shutil
+import subprocess
 import threading
 import time
 import wave
@@ -339,3 +340,60 @@ def test_ingest_stage_passes_its_heartbeat_to_the_decode(
 
     assert stage_doc(doc, "ingest")["status"] == "succeeded"
     assert beating_stages.count("ingest") > 1
+
+
+# --- decoding in a child process with limits -------------------------------------------------
+
+
+def isolated(source: Path, dest: Path, **limits: Any) -> audio.DecodedRecording:
+    return audio.recording_normalize_isolated(
+        source,
+        dest,
+        max_seconds=3600,
+        memory_bytes=limits.pop("memory_bytes", 2048 * 2**20),
+        cpu_seconds=limits.pop("cpu_seconds", 600),
+        **limits,
+    )
+
+
+def test_a_recording_decodes_in_a_child_exactly_as_in_the_worker(tmp_path: Path):
+    in_worker, pcm = normalize(SHORT_VISIT)
+
+    in_child = isolated(SHORT_VISIT, tmp_path / "audio.s16le")
+
+    assert in_child == in_worker
+    assert (tmp_path / "audio.s16le").read_bytes() == pcm
+
+
+def test_a_refusal_in_the_child_keeps_its_class_and_words(tmp_path: Path):
+    concat = tmp_path / "visit.mp3"
+    concat.write_text(f"ffconcat version 1.0\nfile '{SHORT_VISIT}'\n")
+
+    with pytest.raises(UnreadableRecording, match=REFUSED):
+        isolated(concat, tmp_path / "audio.s16le")
+
+
+def test_a_decode_past_its_cpu_limit_is_stopped_with_a_clear_error(tmp_path: Path):
+    # No CPU second at all: the kernel stops the child at its first tick.
+    with pytest.raises(UnreadableRecording, match=r"within the limits .* 0 s of CPU"):
+        isolated(SAMPLE_VISIT, tmp_path / "audio.s16le", cpu_seconds=0)
+
+
+def test_a_decode_past_its_memory_limit_is_stopped_with_a_clear_error(tmp_path: Path):
+    # Less address space than the interpreter and FFmpeg need: the child cannot even start.
+    with pytest.raises(UnreadableRecording, match=r"within the limits .*\(64 MB of memory"):
+        isolated(SAMPLE_VISIT, tmp_path / "audio.s16le", memory_bytes=64 * 2**20)
+
+
+def test_a_lost_lease_stops_the_childs_decode_at_once(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(audio, "HEARTBEAT_INTERVAL_SECONDS", 0.001)
+
+    def lost() -> None:
+        raise LeaseLost("the stage was taken over")
+
+    with pytest.raises(LeaseLost):
+        isolated(SAMPLE_VISIT, tmp_path / "audio.s16le", heartbeat=lost)
+
+    # The child was stopped, not left decoding for nobody.
+    decoding = subprocess.run(["pgrep", "-f", f"visits.audio {SAMPLE_VISIT}"], check=False)
+    assert decoding.returncode == 1
