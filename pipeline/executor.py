@@ -30,6 +30,21 @@ from pipeline.workflow import workflow_get
 logger = logging.getLogger(__name__)
 
 
+# How many attempts this process runs at once, on threads: a Temporal worker's concurrency. A
+# django-q2 worker runs one (its cluster's concurrency is processes). A stage that sizes a
+# thread pool or a model by the work beside it reads `attempts_per_process()`.
+_attempts_per_process = 1
+
+
+def attempts_per_process() -> int:
+    return _attempts_per_process
+
+
+def attempts_per_process_set(count: int) -> None:
+    global _attempts_per_process
+    _attempts_per_process = max(1, count)
+
+
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 

@@ -299,4 +299,5 @@ async def _workers_run(queues: Sequence[str], concurrency: int, wait_seconds: fl
 def workers_run(queues: Sequence[str], *, concurrency: int, wait_seconds: float = 60) -> None:
     """Serve Temporal task queues until interrupted (`manage.py temporal_worker`), once the
     server answers (within `wait_seconds`)."""
+    executor.attempts_per_process_set(concurrency)
     asyncio.run(_workers_run(queues, concurrency, wait_seconds))

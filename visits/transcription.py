@@ -15,6 +15,7 @@ import numpy as np
 from django.conf import settings
 from faster_whisper import WhisperModel
 
+from pipeline import executor
 from pipeline.context import artifact_path
 from visits.audio import SAMPLE_RATE
 from visits.schemas import TranscribeOutput, Transcript
@@ -55,12 +56,18 @@ def whisper_model() -> WhisperModel:
         device=settings.WHISPER_DEVICE,
         compute_type=settings.WHISPER_COMPUTE_TYPE,
         cpu_threads=cpu_threads(),
+        # Attempts on threads of one process (a Temporal worker) share this model: without a
+        # model worker each, their chunks would wait for one another.
+        num_workers=executor.attempts_per_process(),
     )
 
 
 def cpu_threads() -> int:
     if settings.WHISPER_CPU_THREADS:
         return settings.WHISPER_CPU_THREADS
+    beside = executor.attempts_per_process()
+    if beside > 1:  # attempts on threads of this process share the cores
+        return max(1, (os.cpu_count() or 1) // beside)
     if multiprocessing.parent_process() is None:
         return 0  # a command or a web process: the library's default
     workers = max(1, int(settings.Q_CLUSTER.get("workers", 1)))

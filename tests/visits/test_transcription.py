@@ -4,13 +4,15 @@ real bundled model on the sample visit."""
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from pathlib import Path
 
 import pytest
 
+from pipeline import executor
 from tests.conftest import SAMPLE_VISIT
-from visits import audio
+from visits import audio, transcription
 from visits.transcription import (
     MAX_SEGMENT_SECONDS,
     PAUSE_SECONDS,
@@ -228,3 +230,25 @@ def test_the_sample_is_cut_into_sentences(sample_pcm):
     raw_text = " ".join(segment.text for segment in raw)
     assert " ".join(texts(segments)).split() == raw_text.split()
     assert "What brings you in today?" in texts(segments)
+
+
+def test_attempts_on_threads_of_one_process_split_the_cores_and_get_a_model_worker_each(
+    settings, monkeypatch
+):
+    """A Temporal worker runs its activities on threads around one Whisper model: each gets
+    its share of the cores, and the model a worker per attempt, so chunks run side by side."""
+    settings.WHISPER_CPU_THREADS = 0
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(executor, "_attempts_per_process", 1)
+    alone = transcription.cpu_threads()
+
+    executor.attempts_per_process_set(4)
+    try:
+        assert transcription.cpu_threads() == 2
+        transcription.whisper_model.cache_clear()
+        model = transcription.whisper_model()
+        assert model.model.num_workers == 4
+    finally:
+        executor.attempts_per_process_set(1)
+        transcription.whisper_model.cache_clear()
+    assert alone in (0, 8)  # a command's default, or a django-q2 worker's share
