@@ -690,21 +690,28 @@ def unit_claim(*, stage_id: int, worker: str) -> UnitClaim | None:
         stage_id=stage_id,
         attempt_number=stage.attempt_count,
     )
-    for _ in range(8):  # each loss of a race means another worker took one: look again
-        unit = claimable.order_by("index").first()
-        if unit is None:
-            return None
-        taken = claimable.filter(
-            id=unit.id,
-            tries=unit.tries,
-            stage_id__in=_stage_run_by(stage_id, stage.attempt_count),
-        ).update(
-            status=UnitStatus.RUNNING,
-            worker=worker,
-            lease_expires_at=Now() + timedelta(seconds=_lease_seconds()),
-            tries=unit.tries + 1,
-            started_at=Now(),
-        )
+    skip_locked = connection.features.has_select_for_update_skip_locked
+    while True:  # a lost race means another worker took that unit: look for the next one
+        with transaction.atomic():
+            # PostgreSQL: each worker locks the first unit nobody else is locking, so racing
+            # workers take different units instead of colliding on the same one.
+            candidates = claimable.order_by("index")
+            if skip_locked:
+                candidates = candidates.select_for_update(skip_locked=True)
+            unit = candidates.first()
+            if unit is None:
+                return None
+            taken = claimable.filter(
+                id=unit.id,
+                tries=unit.tries,
+                stage_id__in=_stage_run_by(stage_id, stage.attempt_count),
+            ).update(
+                status=UnitStatus.RUNNING,
+                worker=worker,
+                lease_expires_at=Now() + timedelta(seconds=_lease_seconds()),
+                tries=unit.tries + 1,
+                started_at=Now(),
+            )
         if taken:
             run = Run.objects.only("workflow", "input", "subject").get(id=stage.run_id)
             return UnitClaim(
@@ -721,7 +728,6 @@ def unit_claim(*, stage_id: int, worker: str) -> UnitClaim | None:
                 run_input=run.input,
                 subject=run.subject,
             )
-    return None
 
 
 def _unit_held(claim: UnitClaim) -> QuerySet[Unit]:

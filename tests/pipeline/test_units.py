@@ -262,3 +262,32 @@ def test_a_stage_with_no_units_returns_at_once():
     assert run.status == RunStatus.SUCCEEDED
     assert stage_output(run, "squares", Squares).squares == []
     assert not Unit.objects.exists()
+
+
+@requires_postgres  # racing connections: SQLite's in-memory test database serializes them
+def test_workers_racing_for_units_each_get_a_different_one_while_any_is_ready():
+    run = store.run_create(workflow=FAN, subject="fan", input={"count": 0})
+    claim = store.stage_claim(stage_id=stage_of(run).id, worker="coordinator")
+    assert claim is not None
+    store.units_plan(claim, [(f"n:{n}", {"n": n}) for n in range(48)])
+    racers = 24
+    start = threading.Barrier(racers)
+    taken: list[str | None] = []
+
+    def race() -> None:
+        try:
+            start.wait()
+            unit = store.unit_claim(stage_id=claim.stage_id, worker="racer")
+            taken.append(unit.key if unit else None)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=race) for _ in range(racers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    # Nobody came back empty-handed while units were ready, and no unit was taken twice.
+    assert None not in taken
+    assert len(set(taken)) == racers
