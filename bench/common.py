@@ -62,6 +62,17 @@ def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
+def percentile(values: list[float], fraction: float) -> float | None:
+    """The `fraction` quantile (0.95 = p95) by linear interpolation between closest ranks."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * fraction
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
 def ratio_row(
     bench: str,
     metric: str,
@@ -142,17 +153,19 @@ def sqlite_url(path: Path) -> str:
     return f"sqlite:///{path / 'bench.sqlite3'}"
 
 
-def pg_recreate() -> str:
-    """Drop and create the dedicated benchmark database; return its URL."""
+def pg_recreate(database: str | None = None) -> str:
+    """Drop and create the dedicated benchmark database (`database`, default `PG_DB`); return
+    its URL."""
     import psycopg
 
+    name = database or PG_DB
     with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{PG_DB}"')
-    return PG_URL
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return f"{PG_SERVER}/{name}"
 
 
-def pg_drop() -> None:
+def pg_drop(database: str | None = None) -> None:
     import psycopg
 
     with contextlib.suppress(Exception):
@@ -160,7 +173,7 @@ def pg_drop() -> None:
 
         connections.close_all()
     with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{PG_DB}" WITH (FORCE)')
+        conn.execute(f'DROP DATABASE IF EXISTS "{database or PG_DB}" WITH (FORCE)')
 
 
 def pg_version() -> str:
@@ -218,6 +231,28 @@ class Child:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU seconds (user + system) of the live processes of a process group (a `Child`)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent not idle since boot (/proc/stat): over an interval,
+    the machine's whole load, ours and everyone else's."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    busy = sum(fields[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def manage(*args: str) -> list[str]:

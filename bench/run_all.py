@@ -19,7 +19,16 @@ from pathlib import Path
 
 from common import REPO, Row, pg_version, table
 
-BENCHMARKS = ("transcribe", "stage_gap", "overhead", "resume", "upload_memory", "recovery")
+BENCHMARKS = (
+    "transcribe",
+    "stage_gap",
+    "overhead",
+    "resume",
+    "upload_memory",
+    "recovery",
+    "fan_out",
+    "backlog",
+)
 
 
 def machine() -> str:
