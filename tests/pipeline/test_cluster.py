@@ -1,13 +1,12 @@
 """Durability against a real django-q2 cluster on PostgreSQL: no `sync=True` here. The
-contract both backends keep (a visit, faults, retry, re-run, cancel, a killed worker) is in
-`test_contract.py`; these are the built-in engine's own: routed queues, fan-out, zombies.
+contract both backends keep (a visit, faults, retry, re-run, cancel, a killed worker, routed
+queues) is in `test_contract.py`; these are the built-in engine's own: fan-out, zombies.
 
 Clusters run as child processes on the test database; the test process only enqueues, kills,
 sweeps and reads the database."""
 
 from __future__ import annotations
 
-import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,6 @@ import pytest
 
 from pipeline import recovery
 from pipeline.models import (
-    Attempt,
     AttemptStatus,
     RunStatus,
     Stage,
@@ -24,7 +22,7 @@ from pipeline.models import (
     Unit,
 )
 from pipeline.states import UnitStatus
-from tests.conftest import SAMPLE_VISIT, SHORT_VISIT, requires_postgres
+from tests.conftest import SAMPLE_VISIT, requires_postgres
 from tests.support.cluster import Cluster, wait_for
 from visits.evaluation import word_error_rate
 from visits.schemas import TranscribeOutput
@@ -59,32 +57,6 @@ def run_status(visit) -> str:
 
 def stage(visit, name: str) -> Stage:
     return Stage.objects.get(run=visit.current_run, name=name)
-
-
-def test_transcription_routed_to_its_own_queue_runs_there_and_comes_back(
-    clusters, tmp_path, clinician
-):
-    """Dedicated transcription hosts: ingest and the LLM stages stay on the main cluster."""
-    main = start_cluster(clusters, tmp_path, TRANSCRIBE_QUEUE="transcribe")
-    hosts = start_cluster(
-        clusters, tmp_path, TRANSCRIBE_QUEUE="transcribe", Q_CLUSTER_NAME="transcribe"
-    )
-    visit = visit_create(clinician=clinician, recording=SHORT_VISIT)
-    visit_start(visit=visit)
-
-    wait_for(lambda: run_status(visit) in FINAL, timeout=120, what="the run to finish")
-
-    assert run_status(visit) == RunStatus.SUCCEEDED, main.log() + hosts.log()
-    ran_on = {
-        attempt.stage.name: os.getpgid(int(attempt.worker.rsplit(":", 1)[1]))
-        for attempt in Attempt.objects.filter(stage__run=visit.current_run).select_related("stage")
-    }
-    assert ran_on == {
-        "ingest": main.process.pid,
-        "transcribe": hosts.process.pid,
-        "summarize": main.process.pid,
-        "note": main.process.pid,
-    }
 
 
 def test_transcription_fans_out_to_both_workers_and_hears_what_one_pass_hears(

@@ -64,14 +64,17 @@ class Backend:
     environment: dict[str, str] = field(default_factory=dict)
     started: list[Cluster] = field(default_factory=list)
 
-    def start_worker(self) -> Cluster:
+    def start_worker(self, *, only_queue: str = "", **env: str) -> Cluster:
+        """A worker for the default queue, or with `only_queue` one that serves only that
+        queue (a transcription host)."""
         log = self.folder / f"worker-{len(self.started)}.log"
-        worker = (
-            TemporalWorker(log, **self.environment)
-            if self.name == "temporal"
-            else Cluster(log, **self.environment)
-        ).start()
-        self.started.append(worker)
+        env = {**self.environment, **env}
+        if self.name == "temporal":
+            args = ["--queue", only_queue, "--only"] if only_queue else []
+            worker: Cluster = TemporalWorker(log, *args, **env)
+        else:
+            worker = Cluster(log, **env, **({"Q_CLUSTER_NAME": only_queue} if only_queue else {}))
+        self.started.append(worker.start())
         return worker
 
     def recover(self) -> None:
@@ -282,3 +285,25 @@ def test_a_killed_worker_mid_transcription_is_replaced_and_finished_chunks_are_k
     # the attempt.
     units = Unit.objects.filter(stage=stage(visit, "transcribe"))
     assert len({unit.worker for unit in units}) >= 2
+
+
+def test_transcription_routed_to_its_own_queue_runs_there_and_comes_back(backend, clinician):
+    """Dedicated transcription hosts: ingest and the LLM stages stay on the main workers."""
+    main = backend.start_worker(TRANSCRIBE_QUEUE="transcribe")
+    hosts = backend.start_worker(only_queue="transcribe", TRANSCRIBE_QUEUE="transcribe")
+    visit = visit_create(clinician=clinician, recording=SHORT_VISIT)
+    visit_start(visit=visit)
+
+    assert wait_until_final(visit, backend) == RunStatus.SUCCEEDED, main.log() + hosts.log()
+    # A worker is named host:pid[:...]; its process group is the worker's (or cluster's).
+    ran_on = {
+        attempt.stage.name: os.getpgid(int(attempt.worker.split(":")[1]))
+        for attempt in Attempt.objects.filter(stage__run=visit.current_run).select_related("stage")
+    }
+    assert main.process and hosts.process
+    assert ran_on == {
+        "ingest": main.process.pid,
+        "transcribe": hosts.process.pid,
+        "summarize": main.process.pid,
+        "note": main.process.pid,
+    }
