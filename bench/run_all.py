@@ -28,6 +28,7 @@ BENCHMARKS = (
     "recovery",
     "fan_out",
     "backlog",
+    "temporal",
 )
 
 
