@@ -200,6 +200,10 @@ def _fresh_connection(function: Callable[..., T]) -> Callable[..., T]:
 @activity.defn(name=NEXT_STAGE_ACTIVITY)
 @_fresh_connection
 def next_stage(run_id: int) -> NextStage:
+    return _next_stage(run_id)
+
+
+def _next_stage(run_id: int) -> NextStage:
     """The run's stage to run next: a ready one, or one whose worker is lost (its lease will
     be taken back by the attempt). None when the run is final or waits for an operator."""
     stage = (
@@ -213,15 +217,14 @@ def next_stage(run_id: int) -> NextStage:
 
 @activity.defn(name=STAGE_ACTIVITY)
 @_fresh_connection
-def stage_attempt(run_id: int, stage_name: str) -> str:
-    """One attempt at a stage, as a django-q2 worker makes it; the stage's status after it."""
+def stage_attempt(run_id: int, stage_name: str) -> NextStage:
+    """One attempt at a stage, as a django-q2 worker makes it; then the stage to run next."""
     worker = f"{executor.worker_name()}:temporal-{activity.info().attempt}"
     stage = Stage.objects.get(run_id=run_id, name=stage_name)
     beat = _temporal_heartbeat()
     claim = _stage_claim(stage.id, worker=worker, beat=beat)
     if claim is None:
-        stage.refresh_from_db()
-        return str(stage.status)
+        return _next_stage(run_id)
     outcome = executor.attempt_execute(claim, beat=beat)
     if outcome.decision is not None and outcome.decision.retry:
         raise ApplicationError(
@@ -229,7 +232,7 @@ def stage_attempt(run_id: int, stage_name: str) -> str:
             type=outcome.failure.code if outcome.failure else None,
             next_retry_delay=timedelta(seconds=max(0.001, outcome.decision.retry_in_seconds or 0)),
         )
-    return str(outcome.stage_status)
+    return _next_stage(run_id)
 
 
 @activity.defn(name=UNITS_ACTIVITY)
@@ -279,7 +282,10 @@ async def _client_when_up(wait_seconds: float) -> Client:
 
 async def _workers_run(queues: Sequence[str], concurrency: int, wait_seconds: float) -> None:
     client = await _client_when_up(wait_seconds)
-    with concurrent.futures.ThreadPoolExecutor(max_workers=concurrency) as pool:
+    # Each queue's worker may run `concurrency` activities: the pool has a thread for every
+    # one of them, or an accepted activity would wait for a thread without heartbeating.
+    slots = concurrency * len(queues)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=slots) as pool:
         workers = [
             Worker(
                 client,
@@ -299,5 +305,5 @@ async def _workers_run(queues: Sequence[str], concurrency: int, wait_seconds: fl
 def workers_run(queues: Sequence[str], *, concurrency: int, wait_seconds: float = 60) -> None:
     """Serve Temporal task queues until interrupted (`manage.py temporal_worker`), once the
     server answers (within `wait_seconds`)."""
-    executor.attempts_per_process_set(concurrency)
+    executor.attempts_per_process_set(concurrency * len(queues))
     asyncio.run(_workers_run(queues, concurrency, wait_seconds))

@@ -70,24 +70,24 @@ class PipelineRunWorkflow:
 
     @workflow.run
     async def run(self, run_id: int, control_queue: str) -> str:
+        wakes_seen = self._wakes
+        following = await self._next_stage(run_id, control_queue)
         while True:
-            wakes_seen = self._wakes
-            following: NextStage = await workflow.execute_activity(
-                NEXT_STAGE_ACTIVITY,
-                run_id,
-                task_queue=control_queue,
-                result_type=NextStage,
-                start_to_close_timeout=timedelta(seconds=30),
-            )
             plan = following.stage
             if plan is None:
-                if self._wakes != wakes_seen:
-                    continue
-                return "idle"
-            await workflow.execute_activity(
+                if self._wakes == wakes_seen:
+                    return "idle"
+                wakes_seen = self._wakes
+                following = await self._next_stage(run_id, control_queue)
+                continue
+            wakes_seen = self._wakes
+            # The stage's activity answers with the stage to run after it: one activity and
+            # one workflow task per stage, not two.
+            following = await workflow.execute_activity(
                 STAGE_ACTIVITY,
                 args=[run_id, plan.name],
                 task_queue=plan.task_queue,
+                result_type=NextStage,
                 start_to_close_timeout=timedelta(seconds=plan.start_to_close_seconds),
                 heartbeat_timeout=timedelta(seconds=plan.heartbeat_seconds),
                 retry_policy=RetryPolicy(
@@ -98,6 +98,16 @@ class PipelineRunWorkflow:
                     non_retryable_error_types=plan.non_retryable_error_types,
                 ),
             )
+
+    async def _next_stage(self, run_id: int, control_queue: str) -> NextStage:
+        result: NextStage = await workflow.execute_activity(
+            NEXT_STAGE_ACTIVITY,
+            run_id,
+            task_queue=control_queue,
+            result_type=NextStage,
+            start_to_close_timeout=timedelta(seconds=30),
+        )
+        return result
 
 
 @workflow.defn(name=UNITS_WORKFLOW_NAME)

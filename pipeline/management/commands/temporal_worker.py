@@ -31,7 +31,7 @@ class Command(BaseCommand):
             "--concurrency",
             type=int,
             default=int(settings.Q_CLUSTER.get("workers", 2)),
-            help="Activities run at once (default: Q_WORKERS).",
+            help="Activities run at once on each queue served (default: Q_WORKERS).",
         )
 
     def handle(
