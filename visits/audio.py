@@ -174,7 +174,8 @@ def recording_normalize_isolated(
     try:
         while True:
             try:
-                out, _ = child.communicate(timeout=HEARTBEAT_INTERVAL_SECONDS)
+                # Never a zero wait: `communicate` would time out before reading anything.
+                out, _ = child.communicate(timeout=max(0.05, HEARTBEAT_INTERVAL_SECONDS))
                 break
             except subprocess.TimeoutExpired:
                 if heartbeat is not None:
