@@ -11,7 +11,6 @@ from functools import cache, reduce
 from typing import TYPE_CHECKING, Any
 
 from django import forms
-from django.conf import settings
 from django.contrib import admin
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
@@ -19,6 +18,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
+from pipeline.dispatch import temporal_backend
 from pipeline.errors import PipelineError
 from pipeline.model_policies import policy_check, policy_publish
 from pipeline.models import Attempt, AuditEntry, LLMCall, ModelPolicy, ModelPrice, Run, Stage
@@ -222,7 +222,7 @@ class RunAdmin(ReadOnlyAdmin):
     @admin.display(description="Temporal workflow")
     def temporal_workflow(self, run: Run) -> str:
         """Where the run's workflow is seen in Temporal's UI (with TEMPORAL_UI_URL set)."""
-        if settings.PIPELINE_BACKEND != "temporal":
+        if not temporal_backend():
             return "— (built-in backend)"
         from pipeline.temporal import workflow_id, workflow_url
 
@@ -335,7 +335,25 @@ class PublishOnlyAdmin(_ModelAdmin):
         """A published row has no related rows to save."""
 
 
-class ModelPolicyForm(_ModelForm):
+class PublishForm(_ModelForm):
+    """A form for a published row: once its fields are valid, the publishing service's own
+    check (`publish_check`) has the last word, and its refusal is shown on the form."""
+
+    def publish_check(self, data: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if self.errors:
+            return data
+        try:
+            self.publish_check(data)
+        except PipelineError as exc:
+            raise forms.ValidationError(str(exc)) from exc
+        return data
+
+
+class ModelPolicyForm(PublishForm):
     allowed = forms.CharField(
         label="Allowed models",
         help_text="Comma-separated; each must have a row in the price table.",
@@ -345,22 +363,15 @@ class ModelPolicyForm(_ModelForm):
         model = ModelPolicy
         fields = ["workflow", "stage", "allowed", "default_model", "reason"]
 
-    def clean(self) -> dict[str, Any]:
-        data = super().clean() or {}
-        if self.errors:
-            return data
-        try:
-            data["allowed_models"] = policy_check(
-                workflow=data["workflow"],
-                stage=data["stage"],
-                allowed=data["allowed"].split(","),
-                default=data["default_model"],
-                reason=data["reason"],
-                on=timezone.now().date(),
-            )
-        except PipelineError as exc:
-            raise forms.ValidationError(str(exc)) from exc
-        return data
+    def publish_check(self, data: dict[str, Any]) -> None:
+        data["allowed_models"] = policy_check(
+            workflow=data["workflow"],
+            stage=data["stage"],
+            allowed=data["allowed"].split(","),
+            default=data["default_model"],
+            reason=data["reason"],
+            on=timezone.now().date(),
+        )
 
 
 @admin.register(ModelPolicy)
@@ -415,7 +426,7 @@ class ModelPolicyAdmin(PublishOnlyAdmin):
         )
 
 
-class ModelPriceForm(_ModelForm):
+class ModelPriceForm(PublishForm):
     class Meta:
         model = ModelPrice
         fields = [
@@ -431,20 +442,13 @@ class ModelPriceForm(_ModelForm):
             "reason": "Why the price changed: the provider's notice, a contract, a correction.",
         }
 
-    def clean(self) -> dict[str, Any]:
-        data = super().clean() or {}
-        if self.errors:
-            return data
-        try:
-            price_check(
-                model=data["model"],
-                input_usd_per_million=data["input_usd_per_million"],
-                output_usd_per_million=data["output_usd_per_million"],
-                reason=data["reason"],
-            )
-        except PipelineError as exc:
-            raise forms.ValidationError(str(exc)) from exc
-        return data
+    def publish_check(self, data: dict[str, Any]) -> None:
+        price_check(
+            model=data["model"],
+            input_usd_per_million=data["input_usd_per_million"],
+            output_usd_per_million=data["output_usd_per_million"],
+            reason=data["reason"],
+        )
 
 
 @admin.register(ModelPrice)

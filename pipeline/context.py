@@ -126,6 +126,10 @@ class StageContext:
         self._heartbeat.check()
         store.stage_heartbeat(self.claim)
 
+    def lease_check(self) -> None:
+        """Raise if the heartbeat thread found this attempt's lease lost; no database call."""
+        self._heartbeat.check()
+
     def progress(self, done: int, total: int | None = None) -> None:
         """Say how far this attempt has got (`done` of `total` units), for people watching."""
         self._heartbeat.check()

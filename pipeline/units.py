@@ -85,10 +85,15 @@ def _units_await(ctx: StageContext, spec: StageSpec, *, total: int, kept: int) -
     """Do units until none is left to take, then wait for the other workers' to finish."""
     claim = ctx.claim
     own_error: BaseException | None = None
+    reported = -1
     while True:
-        ctx.heartbeat()
+        # The lease is extended by the attempt's heartbeat thread; here only ask whether it
+        # was lost, and write progress only when it moved: the wait polls every 0.1 s.
+        ctx.lease_check()
         state = store.units_state(claim)
-        ctx.progress(kept + state.done, total)
+        if state.done != reported:
+            reported = state.done
+            ctx.progress(kept + state.done, total)
         failing = own_error is not None or bool(state.failed)
         if not failing:
             unit = store.unit_claim(stage_id=claim.stage_id, worker=claim.worker)
