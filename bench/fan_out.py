@@ -132,7 +132,8 @@ def raw_child(path: Path, threads: int) -> None:
     from django.conf import settings
     from faster_whisper import WhisperModel
 
-    from visits.transcription import model_choice, transcribe_options
+    from visits.speech_models import model_choice
+    from visits.transcription import transcribe_options
 
     started = time.perf_counter()
     model = WhisperModel(

@@ -138,7 +138,8 @@ def main() -> None:
         migrate()
         from django.conf import settings
 
-        from visits.transcription import model_choice, whisper_model
+        from visits.speech_models import model_choice
+        from visits.transcription import whisper_model
 
         user = clinician()
         long_file = make_long_recording(tmp / "visit_long.wav", repeats=6)

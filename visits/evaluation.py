@@ -20,7 +20,10 @@ scored against its script (the lines' texts joined with spaces):
   and not flagged unsupported by `visits.claims`;
 - unsupported items (doubts of kind "unsupported" in the summary's and note's stage outputs)
   and unknown drugs (kind "unknown_drug"), counted apart;
-- wrong numbers: numbers the note states that the script never says;
+- wrong numbers: numbers the note states that the script never says; counted apart, those
+  inside a quotation of what was heard (“…”, as the offline engine quotes a sentence it will
+  not parse): a misheard number quoted as heard is the transcript's error, shown as a quote,
+  not a value the note states;
 - seconds of wall time per minute of audio, the models loaded beforehand (`warm_up`).
 
 The overall WER is jiwer's over every reference and transcript together (total errors over
@@ -112,12 +115,24 @@ def key_terms_found(terms: Iterable[str], transcript: str) -> list[str]:
     return [term for term in terms if f" {text_normalize(term)} " in said]
 
 
-def wrong_numbers(note_lines: Iterable[str], script: str) -> list[str]:
-    """The numbers the note's lines state that the script never says, each once, in order."""
+# A quotation of what was heard, as the offline engine and the templates mark one.
+QUOTATION = re.compile(r"“[^”]*”")
+
+
+def wrong_numbers(note_lines: Iterable[str], script: str) -> tuple[list[str], list[str]]:
+    """The numbers the note's lines state that the script never says, each once, in order;
+    and, apart, those inside quotations of what was heard."""
     said = set(numbers_in(script))
+    lines = list(note_lines)
+    stated = [QUOTATION.sub(" ", line) for line in lines]
+    quoted = [" ".join(QUOTATION.findall(line)) for line in lines]
+    return _never_said(stated, said), _never_said(quoted, said)
+
+
+def _never_said(texts: Iterable[str], said: set[str]) -> list[str]:
     wrong: list[str] = []
-    for line in note_lines:
-        wrong += [n for n in numbers_in(line) if n not in said and n not in wrong]
+    for text in texts:
+        wrong += [n for n in numbers_in(text) if n not in said and n not in wrong]
     return wrong
 
 
@@ -320,7 +335,8 @@ class RecordingScore(BaseModel):
     unsupported: int
     unknown_drugs: int
     doubts: list[Doubt]  # of the summary and the note, both kinds
-    wrong_numbers: list[str]
+    wrong_numbers: list[str]  # stated by the note
+    quoted_wrong_numbers: list[str]  # inside its quotations of what was heard
 
 
 class OverallScore(BaseModel):
@@ -339,6 +355,7 @@ class OverallScore(BaseModel):
     unsupported: int
     unknown_drugs: int
     wrong_numbers: int
+    quoted_wrong_numbers: int
     audio_seconds: float
     wall_seconds: float
     seconds_per_audio_minute: float | None
@@ -381,6 +398,7 @@ class EvaluationReport(BaseModel):
             unsupported=sum(s.unsupported for s in scores),
             unknown_drugs=sum(s.unknown_drugs for s in scores),
             wrong_numbers=sum(len(s.wrong_numbers) for s in scores),
+            quoted_wrong_numbers=sum(len(s.quoted_wrong_numbers) for s in scores),
             audio_seconds=round(audio, 3),
             wall_seconds=round(sum(s.wall_seconds for s in scores), 3),
             seconds_per_audio_minute=_per_audio_minute(timed, audio),
@@ -415,6 +433,7 @@ def recording_score(
     doubts = (summarized.unsupported if summarized else []) + (noted.unsupported if noted else [])
     latest: NoteOutput | SummarizeOutput | None = noted or summarized
     items, valid = evidence_counts(transcript, summarized, noted)
+    stated, quoted = wrong_numbers(note_lines(noted.note), case.script) if noted else ([], [])
     return RecordingScore(
         slug=case.slug,
         title=case.title,
@@ -442,7 +461,8 @@ def recording_score(
         unsupported=sum(doubt.kind == "unsupported" for doubt in doubts),
         unknown_drugs=sum(doubt.kind == "unknown_drug" for doubt in doubts),
         doubts=doubts,
-        wrong_numbers=wrong_numbers(note_lines(noted.note), case.script) if noted else [],
+        wrong_numbers=stated,
+        quoted_wrong_numbers=quoted,
     )
 
 
@@ -532,6 +552,8 @@ def _speed(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}"
 
 
+# Names and words to the left, figures to the right.
+_LEFT = (0, 1, 8, 9)
 COLUMNS = (
     "recording",
     "status",
@@ -542,6 +564,7 @@ COLUMNS = (
     "unsupported",
     "unknown drugs",
     "wrong numbers",
+    "quoted, misheard",
     "s / audio min",
 )
 
@@ -559,6 +582,7 @@ def report_rows(report: EvaluationReport) -> list[list[str]]:
             str(score.unsupported),
             str(score.unknown_drugs),
             ", ".join(score.wrong_numbers) or "—",
+            ", ".join(score.quoted_wrong_numbers) or "—",
             _speed(score.seconds_per_audio_minute),
         ]
         for score in report.recordings
@@ -575,6 +599,7 @@ def report_rows(report: EvaluationReport) -> list[list[str]]:
             str(overall.unsupported),
             str(overall.unknown_drugs),
             str(overall.wrong_numbers),
+            str(overall.quoted_wrong_numbers),
             _speed(overall.seconds_per_audio_minute),
         ]
     )
@@ -587,9 +612,8 @@ def report_table(report: EvaluationReport) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
 
     def line(row: list[str]) -> str:
-        # Names and words to the left, figures to the right.
         return "  ".join(
-            cell.ljust(width) if i in (0, 1, 8) else cell.rjust(width)
+            cell.ljust(width) if i in _LEFT else cell.rjust(width)
             for i, (cell, width) in enumerate(zip(row, widths, strict=True))
         ).rstrip()
 
@@ -602,6 +626,6 @@ def report_markdown(report: EvaluationReport) -> str:
     """The report as a Markdown table (for BENCHMARKS.md), the overall row in bold."""
     rows = report_rows(report)
     *per_recording, overall = rows
-    aligned = ["---" if i in (0, 1, 8) else "---:" for i in range(len(COLUMNS))]
+    aligned = ["---" if i in _LEFT else "---:" for i in range(len(COLUMNS))]
     table = [COLUMNS, aligned, *per_recording, [f"**{cell}**" for cell in overall]]
     return "\n".join("| " + " | ".join(row) + " |" for row in table) + "\n"

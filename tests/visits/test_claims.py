@@ -144,6 +144,46 @@ def test_a_dose_of_an_unknown_word_is_quoted_not_charted_as_a_drug():
     ]
 
 
+@pytest.mark.parametrize(
+    "said",
+    [
+        "And the inside 5 milligrams in the morning.",
+        # tiny.en's hearings of meloxicam and of triamcinolone: no unit it knows, or no name
+        "Take me look sick and instead 15 million rounds once a day went food for three weeks.",
+        "You try and see a long cream, 0.1%, twice a day on the arms and legs for two weeks.",
+    ],
+)
+def test_an_amount_taken_without_a_known_drug_is_quoted_not_charted(said):
+    summary = offline.summarize(transcript(said))
+    assert summary.medications == []
+    assert f"A medication was mentioned, name not recognised: “{said}”" in [
+        f.text for f in summary.history
+    ]
+
+
+def test_a_number_without_a_dose_or_frequency_is_not_taken_for_a_medication():
+    said = "We will use ice for 20 minutes after activity."
+    summary = offline.summarize(transcript(said))
+    assert [f.text for f in summary.plan] == [said]
+    assert all("not recognised" not in f.text for f in summary.history)
+
+
+def test_a_sentence_the_engine_would_not_parse_is_only_ever_shown_as_a_quotation():
+    # tiny.en's hearing of "Take meloxicam instead, 15 milligrams, once a day ...": before,
+    # the plan carried it as a plain line, "one Sunday" and all.
+    misheard = "Take me look sick and instead, 15 milligrams, one Sunday with food for three weeks."
+    plain = "We will follow up in two weeks."
+    change = "Your weight is up four pounds, so we will recheck it."
+    note = offline.write_note(offline.summarize(transcript(misheard, plain, change)))
+    lines = [item.text for _, items in note.soap.sections() for item in items]
+    lines += [item.text for item in note.patient_summary]
+    for sentence in (misheard, change):
+        copies = [line for line in lines if sentence in line]
+        assert copies, sentence
+        assert all(f"“{sentence}”" in line for line in copies), copies
+    assert plain in [item.text for item in note.soap.plan]  # a plain sentence stays plain
+
+
 def test_the_offline_engine_is_supported_by_its_own_evidence_on_every_spoken_form():
     lines = (
         "Your blood pressure is 100 and 42 over 90.",

@@ -118,11 +118,21 @@ def test_key_terms_are_found_as_whole_words_and_phrases_after_normalization():
 
 def test_wrong_numbers_are_the_note_numbers_the_script_never_says():
     # "42/90" where "one forty two over ninety" was said: 42 is wrong, 90 is not.
-    assert wrong_numbers(["BP 42/90", "Follow up in two weeks."], SCRIPT) == ["42"]
-    assert wrong_numbers(["BP 142 over 90", "Return in 2 weeks"], SCRIPT) == []
+    assert wrong_numbers(["BP 42/90", "Follow up in two weeks."], SCRIPT) == (["42"], [])
+    assert wrong_numbers(["BP 142 over 90", "Return in 2 weeks"], SCRIPT) == ([], [])
     # each once, in the order the note states them; "5.0" is the number 5
     note = ["Take 7 mg", "then 7 mg and 3 mg", "BP 142/90", "5.0 kg"]
-    assert wrong_numbers(note, SCRIPT + " Five kilograms.") == ["7", "3"]
+    assert wrong_numbers(note, SCRIPT + " Five kilograms.") == (["7", "3"], [])
+
+
+def test_a_misheard_number_quoted_as_heard_is_counted_apart_from_what_the_note_states():
+    note = [
+        "A medication was mentioned, name not recognised: “me look sick 15 milligrams one Sunday”",
+        "Weight (as said): “your weight is up 4 pounds” and 9 kg",
+    ]
+    stated, quoted = wrong_numbers(note, "Take meloxicam 15 milligrams once a day. Up 4 pounds.")
+    assert stated == ["9"]  # outside the quotes: the note states it
+    assert quoted == ["1"]  # "one Sunday" as heard; 15 and 4 were said
 
 
 def _segments(*texts: str) -> Transcript:
@@ -292,7 +302,7 @@ def test_report_renders_as_a_table_and_as_markdown():
     assert markdown[1].startswith("| --- | --- | ---: |")
     assert markdown[2].startswith("| bp | succeeded | 0:30 | 0.0% | 3/4 75.0% | 5/8 62.5% |")
     assert markdown[4].startswith("| **overall (2)** | **2/2 ok** |")
-    assert all(line.count("|") == 11 for line in markdown)
+    assert all(line.count("|") == 12 for line in markdown)
 
 
 # --- the set -------------------------------------------------------------------------------

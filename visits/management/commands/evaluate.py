@@ -19,7 +19,8 @@ class Command(BaseCommand):
         "Run the real pipeline, in this process, on every recording of an evaluation set "
         "(pairs <slug>.ogg + <slug>.json; any accepted audio extension) and report per "
         "recording and overall: WER, key-term recall, items with valid evidence, unsupported "
-        "items, unknown drugs, wrong numbers in the note, seconds per audio minute."
+        "items, unknown drugs, wrong numbers the note states (and apart, those in its "
+        "quotations of what was heard), seconds per audio minute."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
