@@ -103,6 +103,15 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "timeout": 30,
     }
+elif DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # A worker that freezes (SIGSTOP, a paused VM) inside a transaction would keep its row
+    # locks for as long as its connection lives, and the next attempt would wait on them for
+    # ever: PostgreSQL ends such a session after this many seconds. No code of ours waits
+    # inside a transaction; a frozen worker has lost its lease long before (PIPELINE_LEASE_SECONDS).
+    idle_ms = int(env_float("DB_IDLE_IN_TRANSACTION_SECONDS", 60.0) * 1000)
+    DATABASES["default"].setdefault("OPTIONS", {})["options"] = (
+        f"-c idle_in_transaction_session_timeout={idle_ms}"
+    )
 if "TEST" not in DATABASES["default"]:
     DATABASES["default"]["TEST"] = {}
 if test_db_name := env_str("DJANGO_TEST_DATABASE_NAME", ""):

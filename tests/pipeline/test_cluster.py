@@ -8,10 +8,14 @@ sweeps and reads the database."""
 from __future__ import annotations
 
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from django.conf import settings
+from django.db import OperationalError, transaction
 
 from pipeline import recovery
 from pipeline.models import (
@@ -23,8 +27,9 @@ from pipeline.models import (
 )
 from pipeline.states import UnitStatus
 from tests.conftest import SAMPLE_VISIT, requires_postgres
-from tests.support.cluster import Cluster, wait_for
+from tests.support.cluster import Cluster, cluster_environment, wait_for
 from visits.evaluation import word_error_rate
+from visits.models import Visit
 from visits.schemas import TranscribeOutput
 from visits.services import visit_create, visit_start
 from visits.transcription import transcript_load
@@ -119,3 +124,46 @@ def test_a_zombie_worker_cannot_overwrite_the_newer_attempt(clusters, tmp_path, 
     statuses = list(transcribe.attempts.order_by("number").values_list("status", flat=True))
     assert statuses == [AttemptStatus.LOST, AttemptStatus.SUCCEEDED]
     assert run_status(visit) == RunStatus.SUCCEEDED
+
+
+def test_a_worker_frozen_inside_a_transaction_loses_its_row_locks(clinician):
+    # How the zombie test above could hang: frozen between two statements of a transaction
+    # (planning or claiming units), a worker kept its row locks, and the next attempt waited
+    # on them for ever. PostgreSQL now ends a session idle in a transaction.
+    visit = visit_create(clinician=clinician, recording=SAMPLE_VISIT)
+    code = (
+        "import time\n"
+        "from django.db import transaction\n"
+        "from visits.models import Visit\n"
+        "with transaction.atomic():\n"
+        f"    Visit.objects.select_for_update().get(pk={visit.pk})\n"
+        "    print('locked', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    worker = subprocess.Popen(
+        [sys.executable, "manage.py", "shell", "--no-imports", "-c", code],
+        cwd=settings.BASE_DIR,
+        env=cluster_environment(DB_IDLE_IN_TRANSACTION_SECONDS="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert worker.stdout is not None
+        assert worker.stdout.readline().strip() == "locked"
+        worker.send_signal(signal.SIGSTOP)
+        wait_for(
+            lambda: visit_lockable(visit.pk), timeout=15, what="the frozen worker's lock to go"
+        )
+    finally:
+        worker.kill()
+        worker.wait(timeout=10)
+
+
+def visit_lockable(pk: int) -> bool:
+    try:
+        with transaction.atomic():
+            Visit.objects.select_for_update(nowait=True).get(pk=pk)
+    except OperationalError:
+        return False
+    return True

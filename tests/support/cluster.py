@@ -26,6 +26,8 @@ def cluster_environment(**overrides: str) -> dict[str, str]:
         f"{db['PORT'] or 5432}/{db['NAME']}",
         "PRIVATE_STORAGE_ROOT": str(settings.PRIVATE_STORAGE_ROOT),
         "PIPELINE_LEASE_SECONDS": str(settings.PIPELINE_LEASE_SECONDS),
+        # A worker a test freezes (SIGSTOP) must not hold its row locks for the whole test.
+        "DB_IDLE_IN_TRANSACTION_SECONDS": str(max(5.0, 2 * settings.PIPELINE_LEASE_SECONDS)),
         "PIPELINE_RETRY_INTERVAL_SCALE": str(settings.PIPELINE_RETRY_INTERVAL_SCALE),
         "TRANSCRIBE_CHUNK_SECONDS": str(settings.TRANSCRIBE_CHUNK_SECONDS),
         "HF_HUB_OFFLINE": "1",
