@@ -61,11 +61,13 @@ prod: install
 test: install
 	$(BIN)/python -m pytest
 
-## lint: ruff, then mypy (its settings and the checked packages are in pyproject.toml).
+## lint: ruff, mypy, then the import contracts of the layers (import-linter); the settings of
+## each are in pyproject.toml.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache

@@ -70,7 +70,7 @@ def redis_clear() -> int:
 
 
 def runs_finished(ids: list[int]) -> bool:
-    from pipeline.models import Run
+    from pipeline.core.models import Run
 
     return not Run.objects.filter(id__in=ids, finished_at__isnull=True).exists()
 
@@ -94,7 +94,8 @@ def case(tmp, env, user, *, label: str, clusters: list[dict[str, str]], visits: 
     from django.utils import timezone
     from django_q.models import Task
 
-    from pipeline.models import Attempt, Run, Stage
+    from pipeline.backends.djangoq import TASK_SWEEP
+    from pipeline.core.models import Attempt, Run, Stage
     from visits.services import visit_create, visit_start
 
     Task.objects.all().delete()
@@ -132,7 +133,7 @@ def case(tmp, env, user, *, label: str, clusters: list[dict[str, str]], visits: 
         sweeps = [
             ((queued - enqueued).total_seconds(), (done - enqueued).total_seconds())
             for queued, done in Task.objects.filter(
-                func="pipeline.tasks.sweep", started__gte=enqueued
+                func=TASK_SWEEP, started__gte=enqueued
             ).values_list("started", "stopped")
         ]
         runs = Run.objects.filter(id__in=ids)

@@ -132,8 +132,8 @@ def raw_child(path: Path, threads: int) -> None:
     from django.conf import settings
     from faster_whisper import WhisperModel
 
-    from visits.speech_models import model_choice
-    from visits.transcription import transcribe_options
+    from visits.speech.transcription import transcribe_options
+    from visits.speech.whisper_models import model_choice
 
     started = time.perf_counter()
     model = WhisperModel(
@@ -189,7 +189,7 @@ def visit_submit(path: Path, user) -> int:
 
 
 def run_wait(run_id: int, timeout: float) -> bool:
-    from pipeline.models import Run
+    from pipeline.core.models import Run
 
     return bool(
         wait_for(
@@ -207,7 +207,7 @@ def cluster_case(tmp: Path, env: dict[str, str], *, workers: int, chunk: float, 
     load on the machine falls on both sides alike."""
     from django.utils import timezone
 
-    from pipeline.models import Run
+    from pipeline.core.models import Run
 
     queue_purge()
     case_env = {**env, "TRANSCRIBE_CHUNK_SECONDS": f"{chunk:g}"}
@@ -245,7 +245,7 @@ def cluster_case(tmp: Path, env: dict[str, str], *, workers: int, chunk: float, 
 
 
 def _unit_workers(run_id: int) -> int:
-    from pipeline.models import Unit
+    from pipeline.core.models import Unit
 
     return len(set(Unit.objects.filter(stage__run_id=run_id).values_list("worker", flat=True)))
 
@@ -258,9 +258,9 @@ def _seconds(later, earlier) -> float | None:
 
 def _run_breakdown(run, started) -> dict:
     """What the engine's rows say about one run of the long recording."""
-    from pipeline.models import Attempt, Checkpoint, Stage, Unit
+    from pipeline.core.models import Attempt, Checkpoint, Stage, Unit
     from visits.schemas import TranscribeOutput
-    from visits.transcription import transcript_load
+    from visits.speech.transcription import transcript_load
 
     stages = {stage.name: stage for stage in Stage.objects.filter(run=run)}
     transcribe = stages["transcribe"]
@@ -326,7 +326,7 @@ def _all_runs(results: list[dict]) -> str:
 
 
 def _wer(reference: str, hypothesis: str) -> float:
-    from visits.evaluation import word_error_rate
+    from visits.quality.evaluation import word_error_rate
 
     return word_error_rate(reference, hypothesis) * 100
 
@@ -509,7 +509,7 @@ def _cutting_row(recording: Path, chunks: list[float]) -> Row:
     import numpy as np
     from faster_whisper import decode_audio
 
-    from visits.transcription import chunk_bounds
+    from visits.speech.transcription import chunk_bounds
 
     pcm = (decode_audio(str(recording), sampling_rate=RATE) * 32767).astype(np.int16)
     timings = []

@@ -1,7 +1,7 @@
 """3. Engine overhead per stage with no-op stages, and visits per minute with 1, 2 and 4 workers.
 
 Overhead: a Workflow of N no-op StageSpecs is registered in this process and one run of it is
-driven by `pipeline.executor.run_execute_inline` (claim with lease, heartbeat thread, output and
+driven by `executor.run_execute_inline` (claim with lease, heartbeat thread, output and
 status commit, next stage opened and claimed inline). The baseline calls the same N no-op
 functions directly. (ours - direct) / N is the engine's cost per stage, on SQLite (a temporary
 file) and on PostgreSQL (the dedicated benchmark database, over TCP on 127.0.0.1).
@@ -52,9 +52,9 @@ def noop(ctx: object) -> Empty:
 
 def overhead_per_stage(stages: int, reps: int) -> tuple[float, float]:
     """(median seconds per stage through the engine, median per direct call)."""
-    from pipeline import executor, store
-    from pipeline.policy import RetryPolicy
-    from pipeline.workflow import StageSpec, Workflow, workflow_register
+    from pipeline.core import executor, store
+    from pipeline.core.policy import RetryPolicy
+    from pipeline.core.workflow import StageSpec, Workflow, workflow_register
 
     workflow = Workflow(
         name="bench-noop",
@@ -101,7 +101,7 @@ def overhead_child(database: str, stages: int, reps: int) -> None:
 def throughput(tmp, env, workers: int, batch: int, user, **extra: str) -> tuple[float, int]:
     from django.utils import timezone
 
-    from pipeline.models import Run
+    from pipeline.core.models import Run
     from visits.services import visit_create, visit_start
 
     def submit(count: int) -> list[int]:

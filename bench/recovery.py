@@ -59,7 +59,7 @@ def main() -> None:
             from django.conf import settings
             from django.utils import timezone
 
-            from pipeline.models import Attempt, Checkpoint
+            from pipeline.core.models import Attempt, Checkpoint
             from visits.services import visit_create, visit_start
 
             poll = float(settings.Q_CLUSTER["poll"])

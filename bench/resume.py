@@ -12,7 +12,7 @@ Failures:
 * summarize: the provider refuses the key once (HTTP 401, permanent);
 * summarize, after an answer: the first answer is malformed and the repair request gets a 401;
 * note: summarize is answered, then the note request gets a 401.
-Then `pipeline.store.stage_reopen_failed` and `run_execute_inline`: tokens the server billed
+Then `pipeline.core.store.stage_reopen_failed` and `run_execute_inline`: tokens the server billed
 during the retry and its wall seconds, against a full re-run of the visit from scratch.
 """
 
@@ -77,8 +77,8 @@ def child_main(run_id: int) -> None:
     import django
 
     django.setup()
-    from pipeline import executor
-    from pipeline.models import Run
+    from pipeline.core import executor
+    from pipeline.core.models import Run
 
     executor.run_execute_inline(Run.objects.get(id=run_id), worker="bench-child")
 
@@ -98,11 +98,11 @@ def main() -> None:
         env = env_for(tmp, server.base_url)
         django_setup(env)
         migrate()
-        from pipeline import executor, recovery, store
-        from pipeline.context import artifact_path
-        from pipeline.models import Checkpoint, Run, Stage
+        from pipeline import artifact_path
+        from pipeline.core import executor, recovery, store
+        from pipeline.core.models import Checkpoint, Run, Stage
         from visits.services import visit_create
-        from visits.transcription import whisper_model
+        from visits.speech.transcription import whisper_model
 
         user = clinician()
         recording = make_long_recording(tmp / "visit_3x.wav", repeats=3)

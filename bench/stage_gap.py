@@ -43,7 +43,7 @@ FINAL = ("succeeded", "failed", "cancelled")
 
 def run_visits(count: int, user) -> list[int]:
     """Submit visits one at a time, each after the previous finished; return their run ids."""
-    from pipeline.models import Run
+    from pipeline.core.models import Run
     from visits.services import visit_create, visit_start
 
     runs = []
@@ -61,7 +61,7 @@ def run_visits(count: int, user) -> list[int]:
 
 def gaps(run_ids: list[int]) -> dict[str, list[float]]:
     """Per transition (`ingest->transcribe`...), the gaps of the succeeded attempts."""
-    from pipeline.models import Attempt
+    from pipeline.core.models import Attempt
 
     found: dict[str, list[float]] = {}
     for run_id in run_ids:
@@ -79,7 +79,7 @@ def gaps(run_ids: list[int]) -> dict[str, list[float]]:
 
 
 def workers_of(run_ids: list[int], stage: str) -> set[str]:
-    from pipeline.models import Attempt
+    from pipeline.core.models import Attempt
 
     return set(
         Attempt.objects.filter(stage__run_id__in=run_ids, stage__name=stage).values_list(

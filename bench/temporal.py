@@ -79,8 +79,8 @@ def noop(ctx: object) -> Empty:
 
 
 def workflows_register(stages: int, routed: int) -> None:
-    from pipeline.policy import RetryPolicy
-    from pipeline.workflow import StageSpec, Workflow, workflow_register
+    from pipeline.core.policy import RetryPolicy
+    from pipeline.core.workflow import StageSpec, Workflow, workflow_register
 
     once = RetryPolicy(maximum_attempts=1)
     workflow_register(
@@ -219,8 +219,8 @@ def run_start(workflow_name: str) -> tuple[int, datetime, float]:
     before, how long handing it over took)."""
     from django.utils import timezone
 
-    from pipeline import dispatch, store
-    from pipeline.workflow import workflow_get
+    from pipeline.core import dispatch, store
+    from pipeline.core.workflow import workflow_get
 
     run = store.run_create(
         workflow=workflow_get(workflow_name), subject=f"bench-{uuid.uuid4().hex[:8]}", input={}
@@ -244,7 +244,7 @@ def visit_begin() -> tuple[int, datetime, float]:
 
 
 def run_wait(run_id: int, timeout: float) -> bool:
-    from pipeline.models import Run
+    from pipeline.core.models import Run
 
     return bool(
         wait_for(
@@ -257,7 +257,7 @@ def run_wait(run_id: int, timeout: float) -> bool:
 
 def run_figures(run_id: int, started: datetime, handover: float) -> dict:
     """What the engine's rows say about one finished run."""
-    from pipeline.models import Attempt, Run
+    from pipeline.core.models import Attempt, Run
 
     run = Run.objects.get(id=run_id)
     attempts = list(
@@ -291,7 +291,7 @@ def run_figures(run_id: int, started: datetime, handover: float) -> dict:
 def _edge(workflow_name: str, before: str, after: str) -> str:
     """A transition's key: the no-op workflows' by queue, the real workflow's by stage name."""
     if workflow_name in (NOOP_WORKFLOW, ROUTED_WORKFLOW):
-        from pipeline.workflow import workflow_get
+        from pipeline.core.workflow import workflow_get
 
         workflow = workflow_get(workflow_name)
         queues = [workflow.stage(name).queue or "default" for name in (before, after)]
@@ -338,7 +338,7 @@ def temporal_history(address: str, run_id: int) -> list:
 
     from temporalio.client import Client
 
-    from pipeline.temporal import workflow_id
+    from pipeline.backends.temporal.client import workflow_id
 
     async def fetch() -> list:
         client = await Client.connect(address)
@@ -355,7 +355,7 @@ def temporal_segments(events: list, figures: dict) -> dict[str, object]:
     the next stage activity's scheduling; the worker then picks it up and claims the stage."""
     from temporalio.api.enums.v1 import EventType
 
-    from pipeline.temporal_workflow import NEXT_STAGE_ACTIVITY, STAGE_ACTIVITY
+    from pipeline.backends.temporal.workflow import NEXT_STAGE_ACTIVITY, STAGE_ACTIVITY
 
     def when(event) -> datetime:
         return event.event_time.ToDatetime().replace(tzinfo=UTC)
@@ -566,8 +566,8 @@ def time_to_note_rows(results: dict[str, list[dict]]) -> list[Row]:
 
 def inline_per_stage(reps: int, stages: int) -> float | None:
     """The no-op workflow driven in this process: the engine's own cost, no scheduler."""
-    from pipeline import executor, store
-    from pipeline.workflow import workflow_get
+    from pipeline.core import executor, store
+    from pipeline.core.workflow import workflow_get
 
     workflow = workflow_get(NOOP_WORKFLOW)
     values = []

@@ -1,6 +1,6 @@
 """1. The transcribe stage, run through the engine, against raw faster-whisper.
 
-Same process, same warm model (`visits.transcription.whisper_model()`), same decoding settings
+Same process, same warm model (`transcription.whisper_model()`), same decoding settings
 (`transcribe_options()`), same files. For each file and repetition:
 
 * ours: a visit is created and its ingest stage run; then the transcribe stage is claimed and
@@ -46,8 +46,8 @@ CPU: dict[str, float] = {}
 
 def engine_transcribe(path: Path, user) -> tuple[float, float, dict]:
     """(ingest seconds, transcribe-stage seconds, transcribe output) through the executor."""
-    from pipeline import executor, store
-    from pipeline.models import Stage
+    from pipeline.core import executor, store
+    from pipeline.core.models import Stage
     from visits.services import visit_create
 
     visit = visit_create(clinician=user, recording=path)
@@ -67,7 +67,7 @@ def engine_transcribe(path: Path, user) -> tuple[float, float, dict]:
 
 
 def raw_transcribe(source: object) -> tuple[float, int]:
-    from visits.transcription import transcribe_options, whisper_model
+    from visits.speech.transcription import transcribe_options, whisper_model
 
     started, cpu = time.perf_counter(), time.process_time()
     segments, _info = whisper_model().transcribe(source, **transcribe_options())
@@ -138,8 +138,8 @@ def main() -> None:
         migrate()
         from django.conf import settings
 
-        from visits.speech_models import model_choice
-        from visits.transcription import whisper_model
+        from visits.speech.transcription import whisper_model
+        from visits.speech.whisper_models import model_choice
 
         user = clinician()
         long_file = make_long_recording(tmp / "visit_long.wav", repeats=6)

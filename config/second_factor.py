@@ -29,7 +29,7 @@ from django_htmx.http import HttpResponseClientRedirect
 from django_otp import login as otp_login
 from django_otp.plugins.otp_totp.models import TOTPDevice
 
-from visits.audit import Action, audit_record
+from visits.privacy.audit import Action, audit_record
 
 
 def second_factor_needed(request: HttpRequest) -> bool:

@@ -3,7 +3,7 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from config import second_factor
-from pipeline import views as pipeline_views
+from pipeline.ops import views as pipeline_views
 
 urlpatterns = [
     path("healthz", pipeline_views.healthz, name="healthz"),
@@ -13,6 +13,6 @@ urlpatterns = [
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("accounts/second-factor/", second_factor.second_factor, name="second_factor"),
     path("admin/", admin.site.urls),
-    path("ops/", include("pipeline.urls")),
+    path("ops/", include("pipeline.ops.urls")),
     path("", include("visits.urls")),
 ]

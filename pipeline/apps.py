@@ -7,9 +7,11 @@ class PipelineConfig(AppConfig):
     verbose_name = "Pipeline engine"
 
     def ready(self) -> None:
-        from pipeline import checks  # noqa: F401  (registers the system checks)
-        from pipeline.schedule import sweep_schedule_ensure
-        from pipeline.tracing import tracing_setup
+        # Imported for what they register: the system checks and the admin's pages (the
+        # admin lives in `pipeline.ops`, where Django's autodiscovery does not look).
+        from pipeline.backends.djangoq import sweep_schedule_ensure
+        from pipeline.core.tracing import tracing_setup
+        from pipeline.ops import admin, checks  # noqa: F401
 
         post_migrate.connect(sweep_schedule_ensure, sender=self)
         tracing_setup()  # when OTEL_EXPORTER_OTLP_ENDPOINT is set; see there about forks

@@ -16,25 +16,27 @@ from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
 from django.urls import URLPattern, path, reverse
 
-from pipeline.admin import StageStateFilter, attempt_duration, run_admin_link
-from pipeline.errors import PipelineError
-from pipeline.selectors import (
+from pipeline import (
+    FailureKind,
+    PipelineError,
+    StageStateFilter,
+    attempt_duration,
     failed_error_codes,
     filter_failed_at,
+    run_admin_link,
     run_stages,
     runs_of_subject,
     with_failed_stage,
 )
-from pipeline.states import FailureKind
-from visits.audit import (
+from visits.models import AccessEvent, ClinicianVocabulary, Visit
+from visits.privacy.audit import (
     AUDIT_PERMISSION,
     CSV_COLUMNS,
     Action,
     audit_csv_write,
     audit_record,
 )
-from visits.models import AccessEvent, ClinicianVocabulary, Visit
-from visits.retention import PURGE_PERMISSION, visit_purge
+from visits.privacy.retention import PURGE_PERMISSION, visit_purge
 from visits.services import (
     REPROCESS_PERMISSION,
     visit_cancel,
@@ -43,11 +45,11 @@ from visits.services import (
     visit_retry_deliveries,
     visit_skip_backoff,
 )
+from visits.speech.vocabulary import vocabulary_prompt
 from visits.stages import VISIT_WORKFLOW
-from visits.vocabulary import vocabulary_prompt
 
 if TYPE_CHECKING:
-    from pipeline.models import Attempt, Run, Stage
+    from pipeline import Attempt, Run, Stage
 
 
 class VisitStateFilter(StageStateFilter):

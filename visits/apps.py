@@ -8,13 +8,14 @@ class VisitsConfig(AppConfig):
 
     def ready(self) -> None:
         import config.session_policy  # noqa: F401  (its sign-in receiver starts the clock)
-        from pipeline.workflow import workflow_register
+        from pipeline import workflow_register
 
         # Imported for what they register: the audit's receivers of signing in and out, and
         # the system checks of the speech model.
-        from visits import audit, checks  # noqa: F401
-        from visits.delivery import NOTE_DELIVERY_WORKFLOW
-        from visits.retention import purge_schedule_ensure
+        from visits import checks  # noqa: F401
+        from visits.notes.delivery import NOTE_DELIVERY_WORKFLOW
+        from visits.privacy import audit  # noqa: F401
+        from visits.privacy.retention import purge_schedule_ensure
         from visits.stages import VISIT_WORKFLOW
 
         workflow_register(VISIT_WORKFLOW)

@@ -8,7 +8,7 @@ from typing import Any
 from django.conf import settings
 from django.core import checks
 
-from visits.speech_models import PACKAGED_MODELS, missing_packages
+from visits.speech.whisper_models import PACKAGED_MODELS, missing_packages
 
 
 @checks.register(checks.Tags.compatibility)

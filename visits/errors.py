@@ -1,6 +1,6 @@
 """Clinical-domain failures. Each says what is wrong and what the clinician can do."""
 
-from pipeline.errors import PermanentError, PipelineError
+from pipeline import PermanentError, PipelineError
 
 SUPPORTED_FORMATS = "WAV, MP3, M4A/AAC, OGG/Opus, FLAC or WebM"
 

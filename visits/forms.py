@@ -6,7 +6,7 @@ from django.http import QueryDict
 from django.template.defaultfilters import filesizeformat
 
 from visits.errors import RecordingRejected
-from visits.notes import ItemEdit
+from visits.notes.versions import ItemEdit
 from visits.schemas import ChartNote
 from visits.services import RECORDING_EXTENSIONS, recording_validate, visit_ref_validate
 

@@ -10,7 +10,7 @@ from pathlib import PurePath
 from django.conf import settings
 from django.db import models
 
-from pipeline.models import Run
+from pipeline import Run
 from visits.schemas import ChartNote
 
 
@@ -39,7 +39,7 @@ class Visit(models.Model):
     recording_session = models.UUIDField(null=True, blank=True, unique=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     # When its PHI (recording, audio, transcript, summaries, model answers) was deleted under
-    # the retention policy (`visits.retention`); the row, the signed note and the trail stay.
+    # the retention policy (`privacy.retention`); the row, the signed note and the trail stay.
     purged_at = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
@@ -69,14 +69,14 @@ def visit_id_of_subject(subject: str) -> int:
 
 
 def _specialty_choices() -> list[tuple[str, str]]:
-    from visits.vocabulary import specialties
+    from visits.speech.vocabulary import specialties
 
     return [(name, name) for name in specialties()]
 
 
 class ClinicianVocabulary(models.Model):
     """A clinician's specialty and own words (local drug names, colleagues, abbreviations),
-    told to the transcription of each of their visits (`visits.vocabulary`)."""
+    told to the transcription of each of their visits (`visits.speech.vocabulary`)."""
 
     clinician = models.OneToOneField(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="vocabulary"
@@ -103,7 +103,7 @@ class NoteVersion(models.Model):
     """One version of a visit's note. Each finished note stage adds the model's draft (version
     1 for the first run); each save by the clinician adds the next. A version is never changed
     once written, except to sign it; a signed version's content is sealed by `content_sha256`,
-    so a later change to the stored row is detectable (`visits.notes.note_version_intact`)."""
+    so a later change to the stored row is detectable (`notes.versions.note_version_intact`)."""
 
     class Kind(models.TextChoices):
         DRAFT = "draft", "model draft"
@@ -188,7 +188,7 @@ class AccessEvent(models.Model):
     changed a visit's PHI, who signed in, out or was refused; when, from where, on behalf of
     whom, why, and whether it was allowed.
 
-    Append-only: written once by `visits.audit`, never changed. The admin offers no change or
+    Append-only: written once by `privacy.audit`, never changed. The admin offers no change or
     delete, and on PostgreSQL a trigger (migration 0007) refuses UPDATE and DELETE."""
 
     class Action(models.TextChoices):

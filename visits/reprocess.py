@@ -11,10 +11,15 @@ from decimal import Decimal
 
 from django.db.models import QuerySet
 
-from pipeline.errors import OperationRefused
-from pipeline.operations import run_rerun_plan, run_retry_plan
-from pipeline.selectors import filter_failed_at, stage_token_averages, usage_totals
-from pipeline.states import RunStatus
+from pipeline import (
+    OperationRefused,
+    RunStatus,
+    filter_failed_at,
+    run_rerun_plan,
+    run_retry_plan,
+    stage_token_averages,
+    usage_totals,
+)
 from visits.models import Visit
 from visits.services import rerun_model_check, visit_rerun_from, visit_retry
 from visits.stages import VISIT_WORKFLOW
@@ -100,7 +105,7 @@ def reprocess_execute(
     label: str = "",
 ) -> ReprocessOutcome:
     """Carry out a plan as a command-line operator (audited under the command's --actor and
-    the OS login, see `visits.audit.command_origin`); `plans` may be wrapped
+    the OS login, see `visits.privacy.audit.command_origin`); `plans` may be wrapped
     in a progress bar. Re-runs may ask another `model` (refused before anything runs if it
     has no price) and carry a `label`."""
     if model and from_stage:

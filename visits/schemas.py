@@ -243,7 +243,7 @@ class TranscribeOutput(_StageOutput):
 
 
 class Doubt(BaseModel):
-    """A statement its cited evidence does not bear out (`visits.claims`)."""
+    """A statement its cited evidence does not bear out (`visits.notes.claims`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -13,8 +13,9 @@ from django.utils import timezone
 from pydantic import BaseModel
 from textstat.textstat import textstat as readability
 
-from pipeline.errors import OperationRefused
-from pipeline.selectors import (
+from pipeline import (
+    OperationRefused,
+    StageStatus,
     audit_entries_of_subject,
     output_of,
     run_stages,
@@ -22,27 +23,24 @@ from pipeline.selectors import (
     runs_with_stages,
     usage_totals,
 )
-from pipeline.states import StageStatus
 from visits.models import AccessEvent, NoteVersion, Visit
+from visits.refs import DELIVER, INGEST, NOTE, NOTE_DELIVERY, SUMMARIZE, TRANSCRIBE
 from visits.schemas import (
     ChartNote,
     ClinicalSummary,
-    DeliveryOutput,
     Doubt,
-    IngestOutput,
     NoteItem,
     NoteOutput,
     Segment,
     SummarizeOutput,
-    TranscribeOutput,
     Transcript,
 )
-from visits.transcription import transcript_load
+from visits.speech.transcription import transcript_load
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
 
-    from pipeline.models import Stage
+    from pipeline import Stage
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +63,7 @@ def visit_stages(visit: Visit) -> list[Stage]:
 
 
 def visit_transcript(stages: list[Stage]) -> Transcript | None:
-    transcribed = output_of(stages, "transcribe", TranscribeOutput)
+    transcribed = output_of(stages, TRANSCRIBE)
     if transcribed is None:
         return None
     try:
@@ -98,7 +96,7 @@ def transcription_progress(
     running = next(
         (s for s in stages if s.name == "transcribe" and s.status == StageStatus.RUNNING), None
     )
-    ingested = output_of(stages, "ingest", IngestOutput)
+    ingested = output_of(stages, INGEST)
     if running is None or ingested is None or not running.progress_total:
         return None
     done, total = running.progress_done, running.progress_total
@@ -193,7 +191,7 @@ class VisitStatus(BaseModel):
     note_status: str | None
     engine: str | None
     deliveries: list[DeliveryDoc]
-    # When the visit's PHI was deleted under the retention policy (`visits.retention`).
+    # When the visit's PHI was deleted under the retention policy (`visits.privacy.retention`).
     purged_at: str | None = None
 
     def summary_lines(self) -> list[str]:
@@ -260,12 +258,10 @@ def _attempt_docs(stage: Stage) -> list[AttemptDoc]:
 
 def visit_deliveries(visit: Visit) -> list[DeliveryDoc]:
     """Each delivery of a signed version to the EHR, oldest first, with its attempts."""
-    from visits.delivery import NOTE_DELIVERY_WORKFLOW  # delivery builds on these selectors
-
     documents = []
-    for run in runs_with_stages(visit.subject, workflow=NOTE_DELIVERY_WORKFLOW.name):
+    for run in runs_with_stages(visit.subject, workflow=NOTE_DELIVERY):
         stage = run.stages.all()[0]
-        delivered = output_of([stage], "deliver", DeliveryOutput)
+        delivered = output_of([stage], DELIVER)
         documents.append(
             DeliveryDoc(
                 version=run.input["version"],
@@ -293,8 +289,8 @@ def visit_status_document(
     # stages are shown, their content is not read.
     content = stages if visit.purged_at is None else []
     transcript = visit_transcript(content)
-    summarized = output_of(content, "summarize", SummarizeOutput)
-    noted = output_of(content, "note", NoteOutput)
+    summarized = output_of(content, SUMMARIZE)
+    noted = output_of(content, NOTE)
     latest: NoteOutput | SummarizeOutput | None = noted or summarized
     # One lookup per segment: this document is rebuilt on every poll of the visit page.
     speakers = summarized.summary.speakers_by_segment() if summarized else {}
@@ -435,12 +431,10 @@ def visit_history(visit: Visit) -> list[HistoryEvent]:
     """Everything that happened to a visit, newest first: the upload, each run, what operators
     did, each note version (drafted, edited, amended, signed), each delivery attempt to the
     EHR, and each time the note left the application (exported, printed)."""
-    from visits.delivery import NOTE_DELIVERY_WORKFLOW
-
     clinician = visit.clinician.get_username()
     events = [HistoryEvent(visit.created_at, clinician, "uploaded the recording")]
     for run in runs_of_subject(visit.subject):
-        if run.workflow == NOTE_DELIVERY_WORKFLOW.name:
+        if run.workflow == NOTE_DELIVERY:
             continue
         started = (
             "started the pipeline"

@@ -16,31 +16,33 @@ from django.db import transaction
 from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 
-from pipeline import dispatch, executor, store
-from pipeline.errors import OperationRefused
-from pipeline.llm import MODEL_INPUT
-from pipeline.model_policies import models_check
-from pipeline.operations import (
+from pipeline import (
+    MODEL_INPUT,
+    OperationRefused,
     Operator,
+    RunStatus,
+    models_check,
     run_cancel,
+    run_create,
+    run_of_subject,
     run_rerun_from,
     run_retry_failed,
     run_skip_backoff,
+    run_start,
+    runs_of_subject,
 )
-from pipeline.selectors import run_of_subject, runs_of_subject
-from pipeline.states import RunStatus
-from visits.audit import Action, audit_record, current_origin
-from visits.delivery import NOTE_DELIVERY_WORKFLOW
 from visits.errors import SUPPORTED_FORMATS, RecordingRejected
 from visits.models import ClinicianVocabulary, Visit
+from visits.privacy.audit import Action, audit_record, current_origin
+from visits.refs import NOTE_DELIVERY
 from visits.selectors import visit_note_signed
+from visits.speech.vocabulary import vocabulary_prompt
 from visits.stages import VISIT_WORKFLOW
-from visits.vocabulary import vocabulary_prompt
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import AnonymousUser, User
 
-    from pipeline.models import Run
+    from pipeline import Run
 
 RECORDING_EXTENSIONS = frozenset(
     {".wav", ".mp3", ".m4a", ".aac", ".mp4", ".ogg", ".oga", ".opus", ".flac", ".webm"}
@@ -117,7 +119,7 @@ def visit_create(
     try:
         with transaction.atomic():
             visit.save()
-            visit.current_run = store.run_create(
+            visit.current_run = run_create(
                 workflow=VISIT_WORKFLOW,
                 subject=visit.subject,
                 input={
@@ -149,10 +151,7 @@ def visit_start(*, visit: Visit, inline: bool = False) -> None:
     run = visit.current_run
     if run is None:
         return
-    if inline:
-        executor.run_execute_inline(run)
-    else:
-        dispatch.stage_enqueue([stage.id for stage in store.run_ready_stages(run.id)])
+    run_start(run, inline=inline)
 
 
 # --- operating a visit's pipeline (admin actions and `reprocess`) ---------------------------
@@ -252,7 +251,7 @@ def delivery_retry(
     """One more attempt at a failed delivery of the visit's note to the EHR."""
     operator = _operator(actor, visit=visit, action=Action.RETRY_DELIVERY)
     run = run_of_subject(visit.subject, run_id)
-    if run is None or run.workflow != NOTE_DELIVERY_WORKFLOW.name:
+    if run is None or run.workflow != NOTE_DELIVERY:
         raise OperationRefused(f"Visit {visit.pk} has no delivery run {run_id}.")
     run_retry_failed(run=run, operator=operator, reason=reason)
     audit_record(Action.RETRY_DELIVERY, user=actor, visit=visit, run_id=run.pk, reason=reason)
@@ -266,7 +265,7 @@ def visit_retry_deliveries(
     failed = [
         run
         for run in runs_of_subject(visit.subject)
-        if run.workflow == NOTE_DELIVERY_WORKFLOW.name and run.status == RunStatus.FAILED
+        if run.workflow == NOTE_DELIVERY and run.status == RunStatus.FAILED
     ]
     if not failed:
         raise OperationRefused(f"Visit {visit.pk} has no failed delivery to the EHR.")

@@ -17,14 +17,22 @@ from typing import TypeVar
 from django.conf import settings
 from openai.types.chat import ChatCompletionMessageParam
 
-from pipeline.context import StageContext, artifact_path
-from pipeline.errors import BudgetExceeded, OutputInvalid
-from pipeline.llm import llm_enabled
-from pipeline.policy import RetryPolicy
-from pipeline.units import UnitContext
-from pipeline.workflow import StageSpec, Workflow
-from visits import audio, claims, notes, offline, prompts, speech_models, transcription
+from pipeline import (
+    BudgetExceeded,
+    LLMGateway,
+    OutputInvalid,
+    RetryPolicy,
+    StageContext,
+    StageSpec,
+    UnitContext,
+    Workflow,
+    artifact_path,
+    llm_enabled,
+    units_run,
+)
 from visits.errors import EmptyRecording, NoSpeechDetected, RecordingTooLong, UnreadableRecording
+from visits.notes import claims, offline, prompts, versions as notes
+from visits.refs import INGEST, NOTE, SUMMARIZE, TRANSCRIBE, VISIT
 from visits.schemas import (
     ClinicalSummary,
     Doubt,
@@ -37,6 +45,7 @@ from visits.schemas import (
     Transcript,
     evidence_check,
 )
+from visits.speech import audio, transcription, whisper_models as speech_models
 
 # Fewer words than this is no conversation: never let a model invent a visit from it.
 MIN_SPEECH_WORDS = 4
@@ -68,7 +77,7 @@ def transcribe(ctx: StageContext) -> TranscribeOutput:
     """Transcribe chunk by chunk, each a unit any free transcription worker takes; each finished
     chunk is kept, so a retry starts after it."""
     started = time.monotonic()
-    ingested = ctx.output("ingest", IngestOutput)
+    ingested = ctx.output(INGEST)
     pcm = audio.pcm_load(artifact_path(ingested.audio))
     bounds = transcription.chunk_bounds(pcm, settings.TRANSCRIBE_CHUNK_SECONDS)
     model = speech_models.model_choice().name
@@ -91,7 +100,7 @@ def transcribe(ctx: StageContext) -> TranscribeOutput:
             ctx.usage.saved_audio_seconds += seconds
         else:
             ctx.usage.audio_seconds += seconds
-    heard = ctx.units_run(chunks)
+    heard = units_run(ctx, chunks)
     raw_segments = [segment for key, _ in chunks for segment in heard[key]]
     transcript = Transcript(
         model=model,
@@ -125,11 +134,12 @@ def transcribe_chunk(unit: UnitContext) -> list[transcription.RawSegment]:
         pcm,
         offset_seconds=start / audio.SAMPLE_RATE,
         prompt=unit.run_input.get("whisper_prompt", ""),
+        beside=unit.attempts_per_process,
     )
 
 
 def _engine_label(ctx: StageContext) -> str:
-    return ctx.llm.model if llm_enabled() else offline.ENGINE_LABEL
+    return LLMGateway(ctx).model if llm_enabled() else offline.ENGINE_LABEL
 
 
 DocumentT = TypeVar("DocumentT", ClinicalSummary, PostVisitNote)
@@ -146,7 +156,7 @@ def _drafted(
 ) -> tuple[DocumentT, list[Doubt]]:
     """A document from the model (or the offline engine) whose citations all exist, asked once
     to repair what its evidence does not show; and what is still doubtful after that."""
-    document = ctx.llm.complete(
+    document = LLMGateway(ctx).complete(
         messages=messages,
         output_type=output_type,
         offline=offline_draft,
@@ -158,7 +168,7 @@ def _drafted(
 
 def summarize(ctx: StageContext) -> SummarizeOutput:
     """Structured clinical facts, each citing the transcript segments it came from."""
-    transcript = transcription.transcript_load(ctx.output("transcribe", TranscribeOutput))
+    transcript = transcription.transcript_load(ctx.output(TRANSCRIBE))
     summary, unsupported = _drafted(
         ctx,
         transcript,
@@ -172,8 +182,8 @@ def summarize(ctx: StageContext) -> SummarizeOutput:
 
 def note(ctx: StageContext) -> NoteOutput:
     """The SOAP note for the chart and the after-visit summary for the patient."""
-    transcript = transcription.transcript_load(ctx.output("transcribe", TranscribeOutput))
-    summary = ctx.output("summarize", SummarizeOutput).summary
+    transcript = transcription.transcript_load(ctx.output(TRANSCRIBE))
+    summary = ctx.output(SUMMARIZE).summary
     result, unsupported = _drafted(
         ctx,
         transcript,
@@ -199,13 +209,13 @@ LLM_STAGE_POLICY = RetryPolicy(
 )
 
 VISIT_WORKFLOW = Workflow(
-    name="visit",
+    name=VISIT,
     stages=(
         StageSpec(
-            name="ingest",
+            name=INGEST.name,
             title="Ingest recording",
             run=ingest,
-            output=IngestOutput,
+            output=INGEST.output,
             policy=RetryPolicy(
                 initial_interval_seconds=2,
                 maximum_attempts=3,
@@ -218,12 +228,12 @@ VISIT_WORKFLOW = Workflow(
             ),
         ),
         StageSpec(
-            name="transcribe",
+            name=TRANSCRIBE.name,
             title="Transcribe",
             run=transcribe,
-            # Chunks fan out to every free worker of the queue (`pipeline.units`).
+            # Chunks fan out to every free worker of the queue (`pipeline.core.units`).
             unit=transcribe_chunk,
-            output=TranscribeOutput,
+            output=TRANSCRIBE.output,
             queue=settings.TRANSCRIBE_QUEUE or None,
             policy=RetryPolicy(
                 initial_interval_seconds=5,
@@ -233,18 +243,18 @@ VISIT_WORKFLOW = Workflow(
             ),
         ),
         StageSpec(
-            name="summarize",
+            name=SUMMARIZE.name,
             title="Summarize",
             run=summarize,
-            output=SummarizeOutput,
+            output=SUMMARIZE.output,
             policy=LLM_STAGE_POLICY,
             flagged=lambda output: len(output.unsupported),
         ),
         StageSpec(
-            name="note",
+            name=NOTE.name,
             title="Write note",
             run=note,
-            output=NoteOutput,
+            output=NOTE.output,
             policy=LLM_STAGE_POLICY,
             flagged=lambda output: len(output.unsupported),
             # The draft becomes the visit's next note version in the same commit.

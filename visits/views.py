@@ -25,18 +25,18 @@ from django.views.decorators.http import (
 from django_htmx.http import HttpResponseClientRedirect
 
 from config.session_policy import session_passive
-from pipeline.errors import PipelineError
-from pipeline.states import FINAL_RUN_STATUSES
-from visits.audit import Action, audit_record
-from visits.browser_recordings import (
+from pipeline import FINAL_RUN_STATUSES, PipelineError
+from visits.capture.browser_recordings import (
     RecordingIncomplete,
     recording_piece_save,
     recording_session_finish,
 )
-from visits.fhir import FHIR_JSON, NoteTampered, NoteUnresolved, note_bundle_json
+from visits.capture.recording_response import recording_response
+from visits.capture.uploads import RecordingSizeLimit
 from visits.forms import VisitRefsForm, VisitUploadForm, note_edits_from_post
 from visits.models import Visit
-from visits.notes import (
+from visits.notes.fhir import FHIR_JSON, NoteTampered, NoteUnresolved, note_bundle_json
+from visits.notes.versions import (
     NoteChanged,
     note_apply_edits,
     note_diff,
@@ -44,7 +44,7 @@ from visits.notes import (
     note_save,
     note_sign,
 )
-from visits.recording_response import recording_response
+from visits.privacy.audit import Action, audit_record
 from visits.selectors import (
     NoteEntry,
     after_visit_summary,
@@ -58,7 +58,6 @@ from visits.selectors import (
     visits_visible_to,
 )
 from visits.services import visit_create, visit_refs_update, visit_start
-from visits.uploads import RecordingSizeLimit
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User

@@ -9,7 +9,7 @@ from __future__ import annotations
 from axe_playwright_python.sync_playwright import Axe
 from playwright.sync_api import Page, expect
 
-from pipeline.states import RunStatus
+from pipeline.core.states import RunStatus
 from tests.browser.test_workspace import log_in
 from tests.conftest import SHORT_VISIT, requires_postgres
 from visits.services import visit_create, visit_start

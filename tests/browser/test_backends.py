@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Page, expect
 
-from pipeline.dashboard import dashboard_get
+from pipeline.ops.dashboard import dashboard_get
 from tests.browser.test_workspace import FINISH_MS, RECORDING_INPUT, log_in
 from tests.conftest import SHORT_VISIT, requires_postgres
 from tests.support.cluster import Cluster

@@ -10,10 +10,9 @@ import re
 from typing import TYPE_CHECKING
 
 import pytest
-from playwright.sync_api import Page, expect
-from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
+from playwright.sync_api import Page, TimeoutError as PlaywrightTimeoutError, expect
 
-from pipeline.states import RunStatus
+from pipeline.core.states import RunStatus
 from tests.conftest import SHORT_VISIT, requires_postgres
 from tests.support.cluster import Cluster, wait_for
 from visits.models import Visit

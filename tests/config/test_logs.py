@@ -15,7 +15,7 @@ from config.logs import JsonFormatter
 from tests.conftest import SHORT_VISIT
 from visits.schemas import TranscribeOutput
 from visits.services import visit_create, visit_start
-from visits.transcription import transcript_load
+from visits.speech.transcription import transcript_load
 
 # The pipeline runs inline, whose heartbeat needs committed rows.
 pytestmark = pytest.mark.django_db(transaction=True)

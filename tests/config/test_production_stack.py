@@ -20,7 +20,7 @@ import httpx2 as httpx
 import pytest
 from django.conf import settings
 
-from pipeline.states import RunStatus
+from pipeline.core.states import RunStatus
 from tests.conftest import SHORT_VISIT, requires_postgres
 from tests.pipeline.test_redis_broker import REDIS_DB, REDIS_HOST, REDIS_PORT, redis_reachable
 from tests.support.cluster import cluster_environment, wait_for

@@ -63,7 +63,7 @@ class RecordedRequest:
 def request_digest(body: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of what decides the answer: model, messages, response_format.
 
-    The same canonical form as the product's ``pipeline.llm.request_digest``, so tests can match
+    The same canonical form as the product's ``gateway.request_digest``, so tests can match
     what the product memoized against what went over the wire."""
     asked = {key: body.get(key) for key in ("model", "messages", "response_format")}
     canonical = json.dumps(asked, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

@@ -20,9 +20,9 @@ from django.utils import timezone
 from django_q.models import Schedule
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline import store
-from pipeline.models import Stage
-from pipeline.schedule import SWEEP_SCHEDULE_NAME
+from pipeline.backends.djangoq import SWEEP_SCHEDULE_NAME
+from pipeline.core import store
+from pipeline.core.models import Stage
 from tests.conftest import SHORT_VISIT
 from visits.services import visit_create, visit_start
 

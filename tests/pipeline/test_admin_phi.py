@@ -14,13 +14,13 @@ from django.urls import reverse
 from django.utils import timezone
 from pydantic import BaseModel
 
-from pipeline import executor, store
-from pipeline import workflow as workflow_module
-from pipeline.errors import PermanentError
-from pipeline.models import Attempt, Checkpoint, LLMCall, Run, Stage
-from pipeline.policy import RetryPolicy, failure_from_exception
-from pipeline.states import AttemptStatus, FailureKind, RunStatus, StageStatus
-from pipeline.workflow import StageSpec, Workflow, workflow_register
+from pipeline.core import executor, store, workflow as workflow_module
+from pipeline.core.errors import PermanentError
+from pipeline.core.models import Attempt, Checkpoint, LLMCall, Run, Stage
+from pipeline.core.policy import RetryPolicy, failure_from_exception
+from pipeline.core.states import AttemptStatus, FailureKind, RunStatus, StageStatus
+from pipeline.core.workflow import StageSpec, Workflow, workflow_register
+from pipeline.llm.gateway import LLMGateway
 from tests.fakes.llm_server import FakeLLMServer
 
 MARKER = "Zebrafinch-PHI-7731"  # stands for a patient's words
@@ -175,7 +175,7 @@ class Answer(BaseModel):
 
 
 def ask(ctx: Any) -> Answer:
-    return ctx.llm.complete(
+    return LLMGateway(ctx).complete(
         messages=[{"role": "user", "content": f"Summarise: the patient says {MARKER}."}],
         output_type=Answer,
         offline=lambda: Answer(text="offline"),
@@ -231,4 +231,4 @@ def test_an_error_ours_was_raised_from_keeps_its_type_and_stack_but_not_its_word
     assert MARKER not in failure.traceback
     assert "KeyError: <message withheld>" in failure.traceback
     assert 'raise KeyError(f"the patient says {MARKER}")' in failure.traceback  # its stack
-    assert "pipeline.errors.PermanentError: the lookup failed" in failure.traceback
+    assert "pipeline.core.errors.PermanentError: the lookup failed" in failure.traceback

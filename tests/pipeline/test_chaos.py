@@ -37,9 +37,9 @@ from pathlib import Path
 import pytest
 from django.db.models import Count, Sum
 
-from pipeline import recovery, store
-from pipeline.context import artifact_prefix, attempt_dir, storage_root
-from pipeline.models import Attempt, AttemptStatus, LLMCall, Run, RunStatus, Stage, StageStatus
+from pipeline.core import recovery, store
+from pipeline.core.artifacts import artifact_prefix, attempt_dir, storage_root
+from pipeline.core.models import Attempt, AttemptStatus, LLMCall, Run, RunStatus, Stage, StageStatus
 from tests.conftest import SAMPLE_VISIT, SHORT_VISIT, requires_postgres
 from tests.support.chaos import (
     Agent,

@@ -17,22 +17,22 @@ import pytest
 from django.conf import settings
 from django.db import OperationalError, transaction
 
-from pipeline import recovery
-from pipeline.models import (
+from pipeline.core import recovery
+from pipeline.core.models import (
     AttemptStatus,
     RunStatus,
     Stage,
     StageStatus,
     Unit,
 )
-from pipeline.states import UnitStatus
+from pipeline.core.states import UnitStatus
 from tests.conftest import SAMPLE_VISIT, requires_postgres
 from tests.support.cluster import Cluster, cluster_environment, wait_for
-from visits.evaluation import word_error_rate
 from visits.models import Visit
+from visits.quality.evaluation import word_error_rate
 from visits.schemas import TranscribeOutput
 from visits.services import visit_create, visit_start
-from visits.transcription import transcript_load
+from visits.speech.transcription import transcript_load
 
 pytestmark = [requires_postgres, pytest.mark.cluster, pytest.mark.django_db(transaction=True)]
 

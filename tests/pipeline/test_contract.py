@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from pipeline import recovery, temporal
-from pipeline.models import (
+from pipeline.backends.temporal import client as temporal
+from pipeline.core import recovery
+from pipeline.core.models import (
     Attempt,
     AttemptStatus,
     Checkpoint,
@@ -28,8 +29,8 @@ from pipeline.models import (
     Stage,
     Unit,
 )
-from pipeline.operations import Operator, run_cancel, run_retry_failed
-from pipeline.states import FailureKind, StageStatus
+from pipeline.core.operations import Operator, run_cancel, run_retry_failed
+from pipeline.core.states import FailureKind, StageStatus
 from tests.conftest import SAMPLE_VISIT, SHORT_VISIT, requires_postgres
 from tests.support.cluster import Cluster, wait_for
 from tests.support.temporal import TemporalWorker, dev_server, temporal_cli, temporal_environment

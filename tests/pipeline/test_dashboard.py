@@ -13,9 +13,7 @@ import pytest
 from django.urls import reverse
 from django.utils import timezone
 
-from pipeline import charts
-from pipeline.dashboard import Spend, dashboard_get, percentile, window_start
-from pipeline.models import (
+from pipeline.core.models import (
     Attempt,
     AttemptStatus,
     AuditEntry,
@@ -26,7 +24,9 @@ from pipeline.models import (
     Stage,
     StageStatus,
 )
-from pipeline.states import FailureKind
+from pipeline.core.states import FailureKind
+from pipeline.ops import charts
+from pipeline.ops.dashboard import Spend, dashboard_get, percentile, window_start
 
 pytestmark = pytest.mark.django_db
 

@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 from django_q.models import Schedule
 
-from pipeline.schedule import SWEEP_SCHEDULE_NAME
+from pipeline.backends.djangoq import SWEEP_SCHEDULE_NAME
 from tests.conftest import requires_postgres
 from tests.support.cluster import Cluster, wait_for
 

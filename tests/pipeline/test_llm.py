@@ -14,9 +14,9 @@ from openai import OpenAI
 from openai.lib._parsing._completions import type_to_response_format_param
 from pydantic import BaseModel
 
-from pipeline.errors import PermanentError, TransientError
-from pipeline.llm import _client, classify_openai_error, request_digest
-from pipeline.policy import is_retryable
+from pipeline.core.errors import PermanentError, TransientError
+from pipeline.core.policy import is_retryable
+from pipeline.llm.gateway import _client, classify_openai_error, request_digest
 from tests.fakes.llm_server import FakeLLMServer
 
 CLIENT_TIMEOUT_SECONDS = 1.0

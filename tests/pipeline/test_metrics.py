@@ -10,11 +10,11 @@ from django.db.models import Sum
 from django.urls import reverse
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipeline.models import LLMCall, Stage
+from pipeline.core.models import LLMCall, Stage
 from tests.conftest import SHORT_VISIT
 from visits.schemas import TranscribeOutput
 from visits.services import visit_create, visit_start
-from visits.transcription import transcript_load
+from visits.speech.transcription import transcript_load
 
 # The pipeline runs inline, whose heartbeat needs committed rows.
 pytestmark = pytest.mark.django_db(transaction=True)

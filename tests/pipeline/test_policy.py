@@ -1,6 +1,6 @@
 """Retry decisions are pure: a policy, an error and an attempt count in, a decision out.
 
-No database here: every rule of `pipeline.policy` is checked on its own."""
+No database here: every rule of `pipeline.core.policy` is checked on its own."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from pipeline.errors import (
+from pipeline.core.errors import (
     AttemptTimedOut,
     BudgetExceeded,
     LeaseLost,
@@ -18,7 +18,7 @@ from pipeline.errors import (
     PermanentError,
     TransientError,
 )
-from pipeline.policy import (
+from pipeline.core.policy import (
     Failure,
     RetryPolicy,
     attempt_deadline,
@@ -28,7 +28,7 @@ from pipeline.policy import (
     lease_until,
     retry_decision,
 )
-from pipeline.states import FailureKind
+from pipeline.core.states import FailureKind
 
 POLICY = RetryPolicy(
     initial_interval_seconds=2,

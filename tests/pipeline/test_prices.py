@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import prices
-from pipeline.errors import OperationRefused
-from pipeline.models import ModelPrice
+from pipeline.core.errors import OperationRefused
+from pipeline.llm import prices
+from pipeline.llm.models import ModelPrice
 
 pytestmark = pytest.mark.django_db
 
@@ -101,7 +101,7 @@ def test_nothing_is_priced_before_the_table_begins():
 def test_unknown_model_costs_nothing_and_is_logged(caplog):
     assert prices.price_for("llama-3-70b", date(2025, 1, 15)) is None
 
-    with caplog.at_level("WARNING", logger="pipeline.prices"):
+    with caplog.at_level("WARNING", logger="pipeline.llm.prices"):
         cost = prices.cost_usd(
             "llama-3-70b", date(2025, 1, 15), input_tokens=10_000, output_tokens=10_000
         )

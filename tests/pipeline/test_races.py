@@ -16,13 +16,17 @@ from django.db import OperationalError, connection
 from django.utils import timezone
 from pydantic import BaseModel
 
-from pipeline import dashboard, executor, recovery, store
-from pipeline.context import Heartbeat, StageContext, artifact_path, attempt_dir
-from pipeline.errors import LeaseLost
-from pipeline.models import Attempt, AttemptStatus, LLMCall, RunStatus, Stage, StageStatus
-from pipeline.policy import RetryPolicy
-from pipeline.selectors import usage_totals
-from pipeline.workflow import StageSpec, Workflow, workflow_register
+from pipeline.core import executor, recovery, store
+from pipeline.core.artifacts import artifact_path, attempt_dir
+from pipeline.core.context import StageContext
+from pipeline.core.errors import LeaseLost
+from pipeline.core.leases import Heartbeat
+from pipeline.core.models import Attempt, AttemptStatus, LLMCall, RunStatus, Stage, StageStatus
+from pipeline.core.policy import RetryPolicy
+from pipeline.core.selectors import usage_totals
+from pipeline.core.workflow import StageSpec, Workflow, workflow_register
+from pipeline.llm.gateway import LLMGateway
+from pipeline.ops import dashboard
 
 POLICY = RetryPolicy(initial_interval_seconds=1, maximum_attempts=3, jitter=0)
 
@@ -144,7 +148,7 @@ def ask(claim: store.Claim, answers: dict[str, Any]) -> None:
     """One attempt asking its question through the gateway, on its own thread and connection."""
     try:
         ctx = StageContext(claim, Heartbeat(claim))
-        answers[claim.worker] = ctx.llm.complete(
+        answers[claim.worker] = LLMGateway(ctx).complete(
             messages=MESSAGES, output_type=Answer, offline=lambda: Answer(text="offline")
         )
     except Exception as exc:  # the test reads it from `answers`
@@ -334,7 +338,7 @@ def test_an_answer_whose_ledger_commit_was_not_acknowledged_is_recorded_once(
     assert claim is not None
 
     commit_fault.arm("after")  # the ledger insert commits; the worker hears it failed
-    answer = StageContext(claim, Heartbeat(claim)).llm.complete(
+    answer = LLMGateway(StageContext(claim, Heartbeat(claim))).complete(
         messages=MESSAGES, output_type=Answer, offline=lambda: Answer(text="offline")
     )
 

@@ -21,7 +21,7 @@ import pytest
 from django.conf import settings
 from django_q.models import OrmQ
 
-from pipeline.models import AttemptStatus, Checkpoint, Run, RunStatus, Stage, StageStatus
+from pipeline.core.models import AttemptStatus, Checkpoint, Run, RunStatus, Stage, StageStatus
 from tests.conftest import SAMPLE_VISIT, SHORT_VISIT, requires_postgres
 from tests.support.cluster import Cluster, cluster_environment, wait_for
 from visits.models import Visit

@@ -10,12 +10,13 @@ import pytest
 from django.utils import timezone
 from pydantic import BaseModel
 
-from pipeline import checks, executor, recovery, store
-from pipeline.errors import LeaseLost, PermanentError, TransientError
-from pipeline.models import Attempt, AttemptStatus, Run, RunStatus, Stage, StageStatus
-from pipeline.policy import RetryPolicy
-from pipeline.states import FailureKind
-from pipeline.workflow import StageSpec, Workflow, workflow_register
+from pipeline.core import executor, recovery, store
+from pipeline.core.errors import LeaseLost, PermanentError, TransientError
+from pipeline.core.models import Attempt, AttemptStatus, Run, RunStatus, Stage, StageStatus
+from pipeline.core.policy import RetryPolicy
+from pipeline.core.states import FailureKind
+from pipeline.core.workflow import StageRef, StageSpec, Workflow, workflow_register
+from pipeline.ops import checks
 
 pytestmark = pytest.mark.django_db
 
@@ -39,7 +40,7 @@ def first(ctx):
 
 
 def second(ctx):
-    return Value(value=ctx.output("first", Value).value + 1)
+    return Value(value=ctx.output(StageRef("first", Value)).value + 1)
 
 
 def flaky(ctx):

@@ -21,14 +21,14 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from pipeline import store, tracing
-from pipeline.models import Attempt, AttemptStatus, LLMCall, RunStatus
+from pipeline.core import store, tracing
+from pipeline.core.models import Attempt, AttemptStatus, LLMCall, RunStatus
 from tests.conftest import SHORT_VISIT
 from tests.fakes.loopback import LoopbackHandler, LoopbackServer
 from visits.models import Visit
 from visits.schemas import TranscribeOutput
 from visits.services import visit_create, visit_start
-from visits.transcription import transcript_load
+from visits.speech.transcription import transcript_load
 
 # Real commits: the heartbeat thread uses its own connection and must see the stage rows.
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -1,4 +1,4 @@
-"""Stages that fan out (`pipeline.units`): a stage's units are taken by every free worker, each
+"""Stages that fan out (`pipeline.core.units`): a stage's units are taken by every free worker, each
 under its own lease; a failed or lost unit is done again alone, and a finished one never.
 
 A small workflow of its own, run in this process: its stage adds up the squares of its units.
@@ -14,14 +14,15 @@ import pytest
 from django.db import connection
 from pydantic import BaseModel
 
-from pipeline import executor, store
-from pipeline.errors import PermanentError, TransientError
-from pipeline.models import Checkpoint, Stage, Unit
-from pipeline.policy import RetryPolicy
-from pipeline.selectors import stage_output
-from pipeline.states import FailureKind, RunStatus, StageStatus, UnitStatus
-from pipeline.units import UnitContext, units_work
-from pipeline.workflow import StageSpec, Workflow, workflow_register
+from pipeline.core import executor, store
+from pipeline.core.context import UnitContext
+from pipeline.core.errors import PermanentError, TransientError
+from pipeline.core.models import Checkpoint, Stage, Unit
+from pipeline.core.policy import RetryPolicy
+from pipeline.core.selectors import stage_output
+from pipeline.core.states import FailureKind, RunStatus, StageStatus, UnitStatus
+from pipeline.core.units import units_run, units_work
+from pipeline.core.workflow import StageRef, StageSpec, Workflow, workflow_register
 from tests.conftest import requires_postgres
 
 # Heartbeats run on their own connections: the rows they fence on must be committed.
@@ -61,7 +62,7 @@ def square(unit: UnitContext) -> int:
 
 def squares(ctx) -> Squares:
     count = int(ctx.input["count"])
-    results = ctx.units_run([(f"n:{n}", {"n": n}) for n in range(count)])
+    results = units_run(ctx, [(f"n:{n}", {"n": n}) for n in range(count)])
     return Squares(squares=[results[f"n:{n}"] for n in range(count)])
 
 
@@ -106,7 +107,7 @@ def test_units_are_done_once_each_and_returned_in_the_order_asked():
     run = run_fan(7)
 
     assert run.status == RunStatus.SUCCEEDED
-    assert stage_output(run, "squares", Squares).squares == [n * n for n in range(7)]
+    assert stage_output(run, StageRef("squares", Squares)).squares == [n * n for n in range(7)]
     assert Counter(key for key, _ in done_by) == {f"n:{n}": 1 for n in range(7)}
     units = Unit.objects.filter(stage__run=run)
     assert [(u.index, u.status, u.tries) for u in units] == [
@@ -144,7 +145,7 @@ def test_a_second_worker_takes_units_while_the_attempt_takes_its_own():
         thread.join()
 
     assert run.status == RunStatus.SUCCEEDED
-    assert stage_output(run, "squares", Squares).squares == [n * n for n in range(6)]
+    assert stage_output(run, StageRef("squares", Squares)).squares == [n * n for n in range(6)]
     workers = Counter(worker for _, worker in done_by)
     assert set(workers) == {"coordinator", "second-worker"}
     assert workers["second-worker"] == helper_done[1] >= 1
@@ -157,7 +158,7 @@ def test_a_failed_unit_fails_the_attempt_and_the_retry_redoes_only_it():
     run = run_fan(5)
 
     assert run.status == RunStatus.SUCCEEDED
-    assert stage_output(run, "squares", Squares).squares == [0, 1, 4, 9, 16]
+    assert stage_output(run, StageRef("squares", Squares)).squares == [0, 1, 4, 9, 16]
     stage = stage_of(run)
     assert stage.attempt_count == 2
     first = stage.attempts.get(number=1)
@@ -224,7 +225,7 @@ def test_a_unit_whose_worker_died_is_taken_again_alone_after_its_lease(settings)
     run = run_fan(3)
 
     assert run.status == RunStatus.SUCCEEDED
-    assert stage_output(run, "squares", Squares).squares == [0, 1, 4]
+    assert stage_output(run, StageRef("squares", Squares)).squares == [0, 1, 4]
     lost = Unit.objects.get(stage__run=run, key=ghost[0].key)
     assert (lost.tries, lost.worker) == (2, "coordinator")
     assert stage_of(run).attempt_count == 1  # the stage was not retried for it
@@ -253,14 +254,14 @@ def test_workers_of_an_earlier_attempt_are_fenced_out():
     assert stale and stale[0].attempt_number == 1
     # The slow worker of attempt 1 finishes late: its result is not kept, attempt 2's is.
     assert store.unit_complete(stale[0], value=-1, seconds=0) is False
-    assert -1 not in stage_output(run, "squares", Squares).squares
+    assert -1 not in stage_output(run, StageRef("squares", Squares)).squares
 
 
 def test_a_stage_with_no_units_returns_at_once():
     run = run_fan(0)
 
     assert run.status == RunStatus.SUCCEEDED
-    assert stage_output(run, "squares", Squares).squares == []
+    assert stage_output(run, StageRef("squares", Squares)).squares == []
     assert not Unit.objects.exists()
 
 

@@ -6,15 +6,16 @@ from __future__ import annotations
 import pytest
 from pydantic import BaseModel
 
-from pipeline import checks, executor, store
-from pipeline import workflow as workflow_module
-from pipeline.errors import PermanentError, TransientError
-from pipeline.policy import RetryPolicy
-from pipeline.selectors import run_stages, stage_output
-from pipeline.states import FailureKind, RunStatus, StageStatus
-from pipeline.workflow import StageSpec, Workflow, workflow_register
+from pipeline.core import executor, store, workflow as workflow_module
+from pipeline.core.errors import PermanentError, TransientError
+from pipeline.core.policy import RetryPolicy
+from pipeline.core.selectors import run_stages, stage_output
+from pipeline.core.states import FailureKind, RunStatus, StageStatus
+from pipeline.core.workflow import StageRef, StageSpec, Workflow, workflow_register
+from pipeline.ops import checks
 from tests.conftest import SHORT_VISIT
 from visits.models import Visit
+from visits.refs import NOTE
 from visits.schemas import NoteOutput
 from visits.services import visit_create
 from visits.stages import VISIT_WORKFLOW
@@ -41,7 +42,7 @@ def reading_level(ctx) -> ReadingLevel:
     calls.append(ctx.attempt_number)
     if ctx.attempt_number == 1:
         raise TransientError("the readability service hiccuped", code="hiccup")
-    summary = ctx.output("note", NoteOutput).note.patient_summary
+    summary = ctx.output(NOTE).note.patient_summary
     if not summary:
         raise NoPatientSummary("the note has no patient summary to grade")
     words = sum(len(item.text.split()) for item in summary)
@@ -93,12 +94,12 @@ def test_a_fifth_stage_runs_after_the_four_retries_by_its_policy_and_reads_back_
         "reading_level",
     ]
     assert calls == [1, 2]  # the transient error was retried, once
-    graded = stage_output(run, "reading_level", ReadingLevel)
-    note = stage_output(run, "note", NoteOutput)
+    graded = stage_output(run, StageRef("reading_level", ReadingLevel))
+    note = stage_output(run, NOTE)
     assert isinstance(graded, ReadingLevel) and note is not None
     assert graded.sentences == len(note.note.patient_summary) > 0
     with pytest.raises(TypeError, match="outputs ReadingLevel, not NoteOutput"):
-        stage_output(run, "reading_level", NoteOutput)
+        stage_output(run, StageRef("reading_level", NoteOutput))
 
 
 def test_a_stage_returning_the_wrong_shape_fails_permanently_with_a_clear_code():

@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 from django.db import connection, connections
 
-from pipeline import recovery
-from pipeline.llm import OFFLINE_MODEL
-from pipeline.models import Attempt, LLMCall
-from pipeline.states import AttemptStatus
+from pipeline.core import recovery
+from pipeline.core.models import Attempt, LLMCall
+from pipeline.core.states import AttemptStatus
+from pipeline.llm.gateway import OFFLINE_MODEL
 from tests.fakes.llm_server import FakeLLMServer, default_content, request_digest
 from tests.support.cluster import Cluster
-from visits import audio
+from visits.speech import audio
 
 # --- a fault-injecting LLM peer that can be held still ---------------------------------------
 

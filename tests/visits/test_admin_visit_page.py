@@ -11,9 +11,9 @@ from django.contrib.messages import constants as message_levels
 from django.test import Client
 from django.urls import reverse
 
-from pipeline.models import Attempt, AuditEntry, Run, Stage
-from pipeline.states import FailureKind, RunStatus, StageStatus
-from pipeline.store import run_create
+from pipeline.core.models import Attempt, AuditEntry, Run, Stage
+from pipeline.core.states import FailureKind, RunStatus, StageStatus
+from pipeline.core.store import run_create
 from tests.conftest import SHORT_VISIT
 from visits.admin import OPERATIONS, RUNS_IN_DETAIL
 from visits.models import Visit

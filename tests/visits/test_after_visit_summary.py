@@ -9,7 +9,7 @@ import pytest
 from django.urls import reverse
 
 from tests.conftest import SAMPLE_VISIT, SHORT_VISIT
-from visits.notes import note_sign
+from visits.notes.versions import note_sign
 from visits.selectors import after_visit_summary, note_history
 from visits.services import visit_create, visit_start
 

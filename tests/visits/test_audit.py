@@ -18,12 +18,12 @@ from django.db import DatabaseError, transaction
 from django.urls import reverse
 
 from config.session_policy import ACTIVE
-from pipeline.states import RunStatus
+from pipeline.core.states import RunStatus
 from tests.conftest import SHORT_VISIT, is_postgres
 from tests.support.audit import AUDITED
 from tests.visits.test_note_versions import REASON, amend
-from visits.audit import audit_record, visit_viewers
 from visits.models import AccessEvent, Visit
+from visits.privacy.audit import audit_record, visit_viewers
 from visits.services import visit_create, visit_retry, visit_start
 
 # The pipeline runs inline, whose heartbeat needs committed rows.

@@ -10,10 +10,10 @@ from django.test import Client
 from django.urls import reverse
 from django_q.models import OrmQ
 
-from pipeline import executor
-from pipeline.states import RunStatus
+from pipeline.core import executor
+from pipeline.core.states import RunStatus
 from tests.conftest import SAMPLE_VISIT
-from visits.browser_recordings import PIECE_MAX_BYTES
+from visits.capture.browser_recordings import PIECE_MAX_BYTES
 from visits.models import Visit
 
 # The finished recording is transcribed inline, whose heartbeat needs committed rows.

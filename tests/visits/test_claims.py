@@ -9,29 +9,28 @@ import json
 import pytest
 from django.urls import reverse
 
-from pipeline.dashboard import dashboard_get
-from pipeline.errors import OperationRefused
-from pipeline.selectors import stage_output
+from pipeline.core.errors import OperationRefused
+from pipeline.core.selectors import stage_output
+from pipeline.ops.dashboard import dashboard_get
 from tests.conftest import SHORT_VISIT
-from visits import offline, prompts
-from visits.claims import line_problems, note_unsupported, summary_unsupported
 from visits.models import Visit
-from visits.notes import ItemEdit, note_save, note_sign
+from visits.notes import offline, prompts
+from visits.notes.claims import line_problems, note_unsupported, summary_unsupported
+from visits.notes.spoken_numbers import numbers_in, spoken_numbers_normalize
+from visits.notes.versions import ItemEdit, note_save, note_sign
+from visits.refs import NOTE, SUMMARIZE
 from visits.schemas import (
     ClinicalSummary,
     Finding,
     Medication,
-    NoteOutput,
     PostVisitNote,
     Segment,
     SOAPNote,
-    SummarizeOutput,
     Transcript,
     Vital,
 )
 from visits.selectors import visit_stages, visit_status_document, visit_transcript
 from visits.services import visit_create, visit_start
-from visits.spoken_numbers import numbers_in, spoken_numbers_normalize
 
 
 def transcript(*lines: str) -> Transcript:
@@ -313,9 +312,9 @@ def test_an_invented_value_is_sent_back_once_and_the_repaired_answer_kept(clinic
     assert [len(body["messages"]) for body in model.bodies] == [2, 4, 2, 4]
     repair = model.bodies[1]["messages"][-1]["content"]
     assert "vitals[0]" in repair and "150, 95" in repair
-    summarized = stage_output(visit.current_run, "summarize", SummarizeOutput)
+    summarized = stage_output(visit.current_run, SUMMARIZE)
     assert summarized.summary.vitals == [] and summarized.unsupported == []
-    noted = stage_output(visit.current_run, "note", NoteOutput)
+    noted = stage_output(visit.current_run, NOTE)
     assert noted.note.soap.objective == [] and noted.unsupported == []
     assert llm_server.answered_sent_again() == []
 
@@ -326,7 +325,7 @@ def test_a_value_still_unsupported_after_the_repair_is_kept_flagged_and_blocks_s
 ):
     visit = processed(clinician, llm_server, InventingModel(listens=False))
 
-    summarized = stage_output(visit.current_run, "summarize", SummarizeOutput)
+    summarized = stage_output(visit.current_run, SUMMARIZE)
     assert summarized.summary.vitals[0].value == "150/95 mmHg"  # kept, not silently dropped
     assert [d.where for d in summarized.unsupported] == ["vitals[0]"]
     document = json.loads(visit_status_document(visit).model_dump_json())

@@ -10,12 +10,12 @@ import json
 import pytest
 from django.core.management import CommandError, call_command
 
-from pipeline.models import Run
+from pipeline.core.models import Run
 from tests.conftest import SHORT_VISIT
 from tests.fakes.llm_server import default_content
 from tests.support.audit import AUDITED
 from visits.models import NoteVersion
-from visits.notes import note_sign
+from visits.notes.versions import note_sign
 from visits.services import visit_create, visit_start
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -20,16 +20,16 @@ import pytest
 from django.core.management import call_command
 from django.urls import reverse
 
-from pipeline import executor
-from pipeline.models import Attempt, AuditEntry, Run, RunStatus, Stage, StageStatus
+from pipeline.core import executor
+from pipeline.core.models import Attempt, AuditEntry, Run, RunStatus, Stage, StageStatus
 from tests.conftest import SHORT_VISIT, requires_postgres
 from tests.fakes.fhir_server import FakeFhirServer
 from tests.support.audit import AUDITED
 from tests.support.cluster import Cluster, wait_for
-from visits.delivery import delivery_start
-from visits.fhir import IDENTIFIER_SYSTEM
 from visits.models import NoteVersion, Visit
-from visits.notes import ItemEdit, note_save, note_sign
+from visits.notes.delivery import delivery_start
+from visits.notes.fhir import IDENTIFIER_SYSTEM
+from visits.notes.versions import ItemEdit, note_save, note_sign
 from visits.schemas import DeliveryOutput
 from visits.services import delivery_retry, visit_create, visit_start
 

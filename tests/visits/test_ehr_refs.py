@@ -12,11 +12,11 @@ from django.core.files.uploadedfile import SimpleUploadedFile
 from django.core.management import CommandError, call_command
 from django.urls import reverse
 
-from pipeline.errors import OperationRefused
+from pipeline.core.errors import OperationRefused
 from tests.conftest import SHORT_VISIT
 from visits.errors import RecordingRejected
 from visits.models import Visit
-from visits.notes import note_sign
+from visits.notes.versions import note_sign
 from visits.services import (
     visit_create,
     visit_ref_validate,

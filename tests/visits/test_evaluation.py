@@ -1,4 +1,4 @@
-"""`manage.py evaluate` and `visits.evaluation`: the normalizer, the scores on hand-made
+"""`manage.py evaluate` and `visits.quality.evaluation`: the normalizer, the scores on hand-made
 documents, the report's overall figures, the set's validation, and one real run."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from django.conf import settings
 from django.core.management import CommandError, call_command
 
 from tests.conftest import SHORT_VISIT
-from visits.evaluation import (
+from visits.models import Visit
+from visits.quality.evaluation import (
     EvaluationCase,
     EvaluationRefused,
     EvaluationReport,
@@ -27,7 +28,6 @@ from visits.evaluation import (
     word_error_rate,
     wrong_numbers,
 )
-from visits.models import Visit
 from visits.schemas import (
     ClinicalSummary,
     Doubt,
@@ -41,7 +41,7 @@ from visits.schemas import (
     Transcript,
     Vital,
 )
-from visits.vocabulary import vocabulary_prompt
+from visits.speech.vocabulary import vocabulary_prompt
 
 # --- the normalizer ------------------------------------------------------------------------
 

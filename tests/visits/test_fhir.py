@@ -14,7 +14,7 @@ from fhir.resources.R4B.bundle import Bundle
 
 from tests.conftest import SAMPLE_VISIT, SHORT_VISIT
 from tests.support.audit import AUDITED
-from visits.notes import note_sign
+from visits.notes.versions import note_sign
 from visits.services import visit_create, visit_rerun_from, visit_start
 
 # The pipeline runs inline, whose heartbeat needs committed rows.

@@ -15,7 +15,7 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.models import Run
+from pipeline.core.models import Run
 from tests.conftest import SHORT_VISIT
 from visits.errors import RecordingRejected
 from visits.models import Visit

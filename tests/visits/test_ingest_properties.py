@@ -28,18 +28,17 @@ import pytest
 from django.db import connections
 from django.test import Client
 from django.urls import reverse
-from hypothesis import HealthCheck, assume, event, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, assume, event, given, settings, strategies as st
 from hypothesis.errors import InvalidArgument
 
-from pipeline.errors import PermanentError
-from pipeline.models import AttemptStatus, RunStatus, StageStatus
+from pipeline.core.errors import PermanentError
+from pipeline.core.models import AttemptStatus, RunStatus, StageStatus
 from tests.conftest import SAMPLE_VISIT, SHORT_VISIT
 from tests.visits.test_ingest import encode, tone
-from visits import audio
 from visits.errors import EmptyRecording, RecordingTooLong, UnreadableRecording
 from visits.models import Visit
 from visits.services import RECORDING_EXTENSIONS, visit_create, visit_start
+from visits.speech import audio
 
 RATE = 16_000
 STAGES = ("ingest", "transcribe", "summarize", "note")

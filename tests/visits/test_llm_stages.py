@@ -15,12 +15,12 @@ from typing import Any
 
 import pytest
 
-from pipeline import store
-from pipeline.models import Attempt, AttemptStatus, LLMCall, RunStatus, Stage, StageStatus
+from pipeline.core import store
+from pipeline.core.models import Attempt, AttemptStatus, LLMCall, RunStatus, Stage, StageStatus
 from tests.conftest import SHORT_VISIT
 from tests.fakes.llm_server import FakeLLMServer, default_content
-from visits import offline
 from visits.models import Visit
+from visits.notes import offline
 from visits.selectors import visit_status_document
 from visits.services import visit_create, visit_rerun_from, visit_retry, visit_start
 

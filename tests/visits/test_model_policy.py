@@ -10,11 +10,12 @@ from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.utils import timezone
 
-from pipeline.errors import OperationRefused
-from pipeline.llm import MODEL_INPUT
-from pipeline.model_policies import policy_current, policy_publish
-from pipeline.models import LLMCall, ModelPolicy, ModelPrice, RunStatus, Stage, StageStatus
-from pipeline.operations import Operator, run_rerun_from
+from pipeline.core.errors import OperationRefused
+from pipeline.core.models import LLMCall, RunStatus, Stage, StageStatus
+from pipeline.core.operations import Operator, run_rerun_from
+from pipeline.llm.gateway import MODEL_INPUT
+from pipeline.llm.models import ModelPolicy, ModelPrice
+from pipeline.llm.policies import policy_current, policy_publish
 from tests.conftest import SHORT_VISIT
 from visits.models import Visit
 from visits.services import visit_create, visit_rerun_from, visit_start

@@ -19,14 +19,15 @@ from django.db.migrations.executor import MigrationExecutor
 from django.urls import reverse
 from django.utils import timezone
 
-from pipeline.selectors import output_of
+from pipeline.core.selectors import output_of
 from tests.conftest import SHORT_VISIT
 from tests.fakes.llm_server import default_content
 from tests.support.audit import AUDITED
-from visits.fhir import IDENTIFIER_SYSTEM
 from visits.models import AccessEvent, NoteVersion, Visit
-from visits.notes import LineDiff, note_diff, note_draft_record
-from visits.schemas import ChartNote, ChartSOAP, NoteItem, NoteOutput, PostVisitNote
+from visits.notes.fhir import IDENTIFIER_SYSTEM
+from visits.notes.versions import LineDiff, note_diff, note_draft_record
+from visits.refs import NOTE
+from visits.schemas import ChartNote, ChartSOAP, NoteItem, PostVisitNote
 from visits.selectors import note_history, visit_stages
 from visits.services import visit_create, visit_rerun_from, visit_start
 
@@ -144,7 +145,7 @@ def amend(client, visit: Visit) -> NoteVersion:
 
 def test_the_models_draft_becomes_version_1_once(visit):
     (first,) = versions(visit)
-    drafted = output_of(visit_stages(visit), "note", NoteOutput)
+    drafted = output_of(visit_stages(visit), NOTE)
     assert drafted is not None
 
     assert (first.number, first.kind, first.author, first.run_id) == (

@@ -13,9 +13,9 @@ from django.core.management import CommandError, call_command
 from django.db import connection
 from django.urls import reverse
 
-from pipeline.errors import OperationRefused
-from pipeline.models import Attempt, AuditEntry, LLMCall, Run, RunStatus, Stage, StageStatus
-from pipeline.store import run_create
+from pipeline.core.errors import OperationRefused
+from pipeline.core.models import Attempt, AuditEntry, LLMCall, Run, RunStatus, Stage, StageStatus
+from pipeline.core.store import run_create
 from tests.conftest import SHORT_VISIT, is_postgres
 from tests.support.audit import AUDITED
 from visits.models import Visit

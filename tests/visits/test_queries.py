@@ -11,7 +11,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from pipeline import executor, store
+from pipeline.core import executor, store
 from tests.conftest import SHORT_VISIT
 from visits.models import Visit
 from visits.services import visit_create, visit_rerun_from

@@ -18,8 +18,8 @@ from django.test import RequestFactory
 from django.urls import reverse
 
 from tests.conftest import SHORT_VISIT
+from visits.capture.recording_response import BLOCK_SIZE, recording_response
 from visits.models import Visit
-from visits.recording_response import BLOCK_SIZE, recording_response
 from visits.services import visit_create
 
 RECORDING = SHORT_VISIT.read_bytes()

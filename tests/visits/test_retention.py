@@ -20,17 +20,17 @@ from django.urls import reverse
 from django.utils import timezone
 from django_q.models import Schedule
 
-from pipeline import store
-from pipeline.context import artifact_path
-from pipeline.errors import OperationRefused
-from pipeline.models import Checkpoint, LLMCall, Stage
-from pipeline.selectors import output_of
-from pipeline.workflow import workflow_get
+from pipeline import artifact_path
+from pipeline.core import store
+from pipeline.core.errors import OperationRefused
+from pipeline.core.models import Checkpoint, LLMCall, Stage
+from pipeline.core.selectors import output_of
+from pipeline.core.workflow import workflow_get
 from tests.conftest import SHORT_VISIT
-from visits.delivery import NOTE_DELIVERY_WORKFLOW
 from visits.models import AccessEvent, NoteVersion, Visit
-from visits.notes import note_sign
-from visits.retention import (
+from visits.notes.delivery import NOTE_DELIVERY_WORKFLOW
+from visits.notes.versions import note_sign
+from visits.privacy.retention import (
     OUTPUTS_WITHOUT_PHI,
     PURGE_SCHEDULE_NAME,
     PURGED_ENGINE,
@@ -41,7 +41,7 @@ from visits.retention import (
     visit_purge,
     visits_due_for_purge,
 )
-from visits.schemas import IngestOutput, NoteOutput, SummarizeOutput, TranscribeOutput
+from visits.refs import INGEST, NOTE, SUMMARIZE, TRANSCRIBE
 from visits.selectors import visit_stages, visit_transcript
 from visits.services import visit_create, visit_rerun_from, visit_start
 from visits.stages import VISIT_WORKFLOW
@@ -90,8 +90,8 @@ def files_under(root: Path) -> list[str]:
 def artifact_files(visit: Visit) -> list[Path]:
     """The decoded audio and the transcript of the visit's current run, where they are."""
     stages = visit_stages(visit)
-    ingested = output_of(stages, "ingest", IngestOutput)
-    transcribed = output_of(stages, "transcribe", TranscribeOutput)
+    ingested = output_of(stages, INGEST)
+    transcribed = output_of(stages, TRANSCRIBE)
     assert ingested and transcribed
     return [artifact_path(ingested.audio), artifact_path(transcribed.transcript)]
 
@@ -129,10 +129,10 @@ def test_a_signed_visit_past_retention_is_purged_and_keeps_what_the_chart_needs(
     assert [call.content for call in calls.all()] == ["", ""]
     assert ledger(visit) == figures
     stages = {stage.name: stage for stage in visit_stages(visit)}
-    for name, model in (("summarize", SummarizeOutput), ("note", NoteOutput)):
-        emptied = output_of(list(stages.values()), name, model)
+    for ref in (SUMMARIZE, NOTE):
+        emptied = output_of(list(stages.values()), ref)
         assert emptied is not None and emptied.engine == PURGED_ENGINE
-    assert output_of(list(stages.values()), "summarize", SummarizeOutput).summary.history == []
+    assert output_of(list(stages.values()), SUMMARIZE).summary.history == []
     assert stages["ingest"].output["duration_seconds"] > 0  # figures, no PHI: kept
     note = NoteVersion.objects.get(visit=visit)
     assert note.content == note_before.content and note.is_signed and note.is_intact
@@ -363,7 +363,7 @@ def test_the_admin_purges_with_a_reason_and_never_deletes(
 def test_the_daily_schedule_runs_the_purge(clinician):
     purge_schedule_ensure()
     schedule = Schedule.objects.get(name=PURGE_SCHEDULE_NAME)
-    assert schedule.func == "visits.retention.purge_task"
+    assert schedule.func == "visits.privacy.retention.purge_task"
     assert schedule.schedule_type == Schedule.DAILY and schedule.repeats == -1
     visit = uploaded(processed(clinician), days_ago=91)
 

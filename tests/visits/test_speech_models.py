@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 from django.core import checks
 
-from pipeline.models import Attempt, RunStatus
+from pipeline.core.models import Attempt, RunStatus
 from tests.conftest import SHORT_VISIT
-from visits import audio, speech_models, stages, transcription
+from visits import stages
 from visits.selectors import visit_stages, visit_transcript
 from visits.services import visit_create, visit_retry, visit_start
-from visits.speech_models import (
+from visits.speech import audio, transcription, whisper_models as speech_models
+from visits.speech.whisper_models import (
     PACKAGED_MODELS,
     PackagedModel,
     SpeechModelUnavailable,

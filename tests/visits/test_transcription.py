@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import executor
 from tests.conftest import SAMPLE_VISIT
-from visits import audio, transcription
-from visits.transcription import (
+from visits.speech import audio, transcription
+from visits.speech.transcription import (
     MAX_SEGMENT_SECONDS,
     PAUSE_SECONDS,
     RawSegment,
@@ -239,16 +238,13 @@ def test_attempts_on_threads_of_one_process_split_the_cores_and_get_a_model_work
     its share of the cores, and the model a worker per attempt, so chunks run side by side."""
     settings.WHISPER_CPU_THREADS = 0
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    monkeypatch.setattr(executor, "_attempts_per_process", 1)
     alone = transcription.cpu_threads()
 
-    executor.attempts_per_process_set(4)
+    assert transcription.cpu_threads(beside=4) == 2
+    transcription.whisper_model.cache_clear()
     try:
-        assert transcription.cpu_threads() == 2
-        transcription.whisper_model.cache_clear()
-        model = transcription.whisper_model()
+        model = transcription.whisper_model(beside=4)
         assert model.model.num_workers == 4
     finally:
-        executor.attempts_per_process_set(1)
         transcription.whisper_model.cache_clear()
     assert alone in (0, 8)  # a command's default, or a django-q2 worker's share

@@ -25,8 +25,8 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.context import StageContext
-from pipeline.errors import LeaseLost
+from pipeline.core.context import StageContext
+from pipeline.core.errors import LeaseLost
 from tests.conftest import SAMPLE_VISIT, SHORT_VISIT
 from tests.visits.test_ingest import (
     RATE,
@@ -38,9 +38,9 @@ from tests.visits.test_ingest import (
     tone,
     wav,
 )
-from visits import audio
 from visits.errors import UnreadableRecording
 from visits.services import visit_create
+from visits.speech import audio
 
 REFUSED = "not a recording in an accepted format"
 
@@ -395,5 +395,5 @@ def test_a_lost_lease_stops_the_childs_decode_at_once(tmp_path: Path, monkeypatc
         isolated(SAMPLE_VISIT, tmp_path / "audio.s16le", heartbeat=lost)
 
     # The child was stopped, not left decoding for nobody.
-    decoding = subprocess.run(["pgrep", "-f", f"visits.audio {SAMPLE_VISIT}"], check=False)
+    decoding = subprocess.run(["pgrep", "-f", f"visits.speech.audio {SAMPLE_VISIT}"], check=False)
     assert decoding.returncode == 1

@@ -17,8 +17,8 @@ from django.test import Client
 from django.urls import reverse
 from django_q.models import OrmQ
 
-from pipeline.dispatch import TASK_STAGE_EXECUTE
-from pipeline.models import Stage
+from pipeline.backends.djangoq import TASK_STAGE_EXECUTE
+from pipeline.core.models import Stage
 from tests.conftest import SHORT_VISIT
 from visits.models import Visit
 from visits.selectors import visit_status_document

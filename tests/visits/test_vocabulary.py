@@ -10,11 +10,11 @@ from django.urls import reverse
 from tests.conftest import SHORT_VISIT
 from visits.models import ClinicianVocabulary
 from visits.services import visit_create
-from visits.vocabulary import LEXICON_PATH, PROMPT_MAX_CHARS, lexicon, vocabulary_prompt
+from visits.speech.vocabulary import LEXICON_PATH, PROMPT_MAX_CHARS, lexicon, vocabulary_prompt
 
 
 def test_every_drug_of_the_lexicon_is_a_known_drug_and_the_file_says_where_it_comes_from():
-    from visits.claims import drugs_in
+    from visits.notes.claims import drugs_in
 
     data = json.loads(LEXICON_PATH.read_text())
     assert "Never from test recordings" in data["provenance"]

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 
 from django.core.management.base import BaseCommand, CommandError
 
-from pipeline.errors import PipelineError
+from pipeline import PipelineError
 from visits.models import Visit
 from visits.selectors import visit_status_document
 

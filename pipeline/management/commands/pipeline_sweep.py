@@ -3,7 +3,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from pipeline.recovery import sweep
+from pipeline.core.recovery import sweep
 
 
 class Command(BaseCommand):

@@ -3,7 +3,7 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from pipeline import temporal
+from pipeline.backends.temporal import client as temporal, worker
 
 
 class Command(BaseCommand):
@@ -54,6 +54,6 @@ class Command(BaseCommand):
             f"(namespace {settings.TEMPORAL_NAMESPACE}), {concurrency} at once"
         )
         try:
-            temporal.workers_run(queues, concurrency=concurrency)
+            worker.workers_run(queues, concurrency=concurrency)
         except KeyboardInterrupt:
             self.stdout.write("stopped")

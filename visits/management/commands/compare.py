@@ -2,8 +2,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from visits.comparison import comparison_csv, comparison_table, label_compare
 from visits.management.output import refusals_as_command_errors
+from visits.quality.comparison import comparison_csv, comparison_table, label_compare
 
 
 class Command(BaseCommand):

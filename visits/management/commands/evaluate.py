@@ -4,14 +4,14 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
-from visits.evaluation import (
+from visits.management.output import refusals_as_command_errors
+from visits.quality.evaluation import (
     EVALUATION_CLINICIAN,
     RecordingScore,
     evaluate,
     report_markdown,
     report_table,
 )
-from visits.management.output import refusals_as_command_errors
 
 
 class Command(BaseCommand):

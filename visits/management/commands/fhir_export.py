@@ -2,11 +2,11 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from pipeline.errors import PipelineError
-from visits.audit import Action, audit_record, command_arguments, command_origin
-from visits.fhir import note_bundle_json
+from pipeline import PipelineError
 from visits.management.output import refusals_as_command_errors
 from visits.models import Visit
+from visits.notes.fhir import note_bundle_json
+from visits.privacy.audit import Action, audit_record, command_arguments, command_origin
 from visits.selectors import note_entry_pick
 
 

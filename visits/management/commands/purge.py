@@ -3,8 +3,9 @@ from typing import Any
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandParser
 
-from visits.audit import command_arguments, command_origin
-from visits.retention import storage_relative, visits_purge_due
+from pipeline import storage_relative
+from visits.privacy.audit import command_arguments, command_origin
+from visits.privacy.retention import visits_purge_due
 
 
 class Command(BaseCommand):

@@ -6,9 +6,9 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 from tqdm import tqdm
 
-from pipeline.states import RunStatus
-from visits.audit import command_arguments, command_origin
+from pipeline import RunStatus
 from visits.management.output import refusals_as_command_errors
+from visits.privacy.audit import command_arguments, command_origin
 from visits.reprocess import (
     VisitPlan,
     reprocess_execute,

@@ -2,9 +2,9 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from visits.audit import Action, audit_record, command_arguments, command_origin
 from visits.management.output import status_write
 from visits.models import Visit
+from visits.privacy.audit import Action, audit_record, command_arguments, command_origin
 
 
 class Command(BaseCommand):

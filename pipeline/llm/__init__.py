@@ -1,0 +1,1 @@
+"""The metered, memoized model gateway and what governs it: prices, model policies, budgets."""

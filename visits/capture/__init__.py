@@ -1,0 +1,1 @@
+"""Getting a recording in: uploads, recordings made in the browser, decoding, playback."""

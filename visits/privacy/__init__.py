@@ -1,0 +1,1 @@
+"""PHI's trail and its end: the audit of every view and change, retention and purge."""

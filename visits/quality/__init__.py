@@ -1,0 +1,1 @@
+"""Output quality, measured: the evaluation set and comparisons of re-run batches."""

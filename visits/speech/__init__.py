@@ -1,0 +1,1 @@
+"""Hearing the visit: transcription with faster-whisper, which model, what to expect."""
