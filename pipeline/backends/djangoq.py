@@ -61,7 +61,7 @@ class DjangoQBackend:
             async_task(TASK_STAGE_EXECUTE, stage.id, q_options=options)
 
     def units_send(self, claim: store.Claim, *, count: int, timeout_seconds: int) -> None:
-        spec = workflow_get(claim.workflow).stage(claim.stage_name)
+        spec = claim.spec
         options: dict[str, object] = {
             "timeout": timeout_seconds,
             "cluster": spec.queue or settings.Q_CLUSTER["name"],

@@ -71,7 +71,7 @@ def _attempt_run(claim: store.Claim) -> int | None:
         next_stage = outcome.next_stage
         if next_stage is None:
             return None
-        spec = workflow_get(claim.workflow).stage(claim.stage_name)
+        spec = claim.spec
         if workflow_get(claim.workflow).stage(next_stage.name).queue == spec.queue:
             return next_stage.id
         dispatch.stage_enqueue([next_stage.id])
@@ -103,7 +103,7 @@ def attempt_execute(
 
 
 def _attempt_execute_bound(claim: store.Claim, beat: Callable[[], None] | None) -> AttemptOutcome:
-    spec = workflow_get(claim.workflow).stage(claim.stage_name)
+    spec = claim.spec
     started = time.monotonic()
     with tracing.attempt_span(claim), Heartbeat(claim, also=beat) as heartbeat:
         ctx = StageContext(claim, heartbeat)
@@ -156,14 +156,9 @@ def _attempt_execute_bound(claim: store.Claim, beat: Callable[[], None] | None) 
 def _attempt_failed(
     claim: store.Claim, ctx: StageContext, exc: Exception, *, elapsed: float
 ) -> AttemptOutcome:
-    stage_policy = workflow_get(claim.workflow).stage(claim.stage_name).policy
-    failure = policy.failure_from_exception(exc, stage_policy)
-    decision = policy.retry_decision(
-        stage_policy,
-        failure,
-        attempts_made=claim.attempt_number,
-        interval_scale=settings.PIPELINE_RETRY_INTERVAL_SCALE,
-    )
+    spec = claim.spec
+    failure = policy.failure_from_exception(exc, spec.policy)
+    decision = spec.judge(failure, attempts_made=claim.attempt_number)
     ctx.usage.compute_seconds = ctx.usage.compute_seconds or elapsed
     stage = store.attempt_fail(claim, failure, decision, usage=ctx.usage)
     logger.warning(

@@ -12,7 +12,6 @@ from django.conf import settings
 
 from pipeline.core import dispatch, policy, store
 from pipeline.core.artifacts import attempt_artifacts_discard
-from pipeline.core.workflow import workflow_get
 
 logger = logging.getLogger(__name__)
 
@@ -28,19 +27,14 @@ def leases_reap() -> list[store.ExpiredLease]:
     and remove what the lost attempt half-wrote."""
     reaped = []
     for expired in store.stages_lease_expired():
-        stage_policy = workflow_get(expired.workflow).stage(expired.stage_name).policy
+        spec = expired.spec
         failure = policy.failure_from_expired_lease(
-            stage_policy,
+            spec.policy,
             worker=expired.worker,
             attempt_started_at=expired.attempt_started_at,
             lease_expires_at=expired.lease_expires_at,
         )
-        decision = policy.retry_decision(
-            stage_policy,
-            failure,
-            attempts_made=expired.attempt_number,
-            interval_scale=settings.PIPELINE_RETRY_INTERVAL_SCALE,
-        )
+        decision = spec.judge(failure, attempts_made=expired.attempt_number)
         if store.stage_reap(expired, failure, decision) is not None:
             attempt_artifacts_discard(expired.run_id, expired.stage_name, expired.attempt_number)
             reaped.append(expired)

@@ -55,15 +55,23 @@ def ledger_sums() -> dict[str, Any]:
     }
 
 
+class AttemptSpend(BaseModel):
+    """The one definition of what an attempt spends beside its model calls (the columns of
+    `Attempt` with these names): audio and compute seconds, and what reuse spared it."""
+
+    audio_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    saved_input_tokens: int = 0
+    saved_output_tokens: int = 0
+    saved_cost_usd: Decimal = _ZERO_USD
+    saved_audio_seconds: float = 0.0
+
+
 def attempt_sums() -> dict[str, Any]:
-    """What attempts add up to: audio and compute seconds, and what reuse spared them."""
+    """What attempts add up to: the sum of each `AttemptSpend` field, zero when none."""
     return {
-        "audio_seconds": Coalesce(Sum("audio_seconds"), 0.0),
-        "compute_seconds": Coalesce(Sum("compute_seconds"), 0.0),
-        "saved_input_tokens": Coalesce(Sum("saved_input_tokens"), 0),
-        "saved_output_tokens": Coalesce(Sum("saved_output_tokens"), 0),
-        "saved_cost_usd": Coalesce(Sum("saved_cost_usd"), Value(_ZERO_USD)),
-        "saved_audio_seconds": Coalesce(Sum("saved_audio_seconds"), 0.0),
+        name: Coalesce(Sum(name), Value(field.default))
+        for name, field in AttemptSpend.model_fields.items()
     }
 
 
@@ -82,17 +90,10 @@ class LedgerTotals(BaseModel):
         return self.input_tokens + self.output_tokens
 
 
-class AttemptTotals(BaseModel):
+class AttemptTotals(AttemptSpend):
     """What some attempts add up to (the fields of `attempt_sums`)."""
 
     model_config = ConfigDict(frozen=True)
-
-    audio_seconds: float = 0.0
-    compute_seconds: float = 0.0
-    saved_input_tokens: int = 0
-    saved_output_tokens: int = 0
-    saved_cost_usd: Decimal = _ZERO_USD
-    saved_audio_seconds: float = 0.0
 
     @property
     def audio_hours(self) -> float:

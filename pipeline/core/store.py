@@ -15,7 +15,7 @@ host whose clock is skewed can neither take a live lease nor keep an expired one
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -25,14 +25,15 @@ from django.db import IntegrityError, InterfaceError, OperationalError, connecti
 from django.db.models import Count, F, Q, QuerySet
 from django.db.models.functions import Coalesce, Now
 from django.db.models.sql import Query
+from pydantic import ConfigDict
 
 from pipeline.core import policy
 from pipeline.core.errors import AttemptTimedOut, LeaseLost
 from pipeline.core.models import Attempt, AuditEntry, Checkpoint, LLMCall, Run, Stage, Unit
 from pipeline.core.policy import Decision, Failure
-from pipeline.core.selectors import usage_totals
+from pipeline.core.selectors import AttemptSpend, usage_totals
 from pipeline.core.states import AttemptStatus, RunStatus, StageStatus, UnitStatus
-from pipeline.core.workflow import StageSpec, Workflow, workflow_get
+from pipeline.core.workflow import StageSpec, Workflow, stage_spec
 
 
 @dataclass(frozen=True)
@@ -52,27 +53,23 @@ class Claim:
     run_input: dict[str, Any]
     subject: str  # the run's subject: what spend limits and ownership are counted by
 
+    @property
+    def spec(self) -> StageSpec:
+        return stage_spec(self.workflow, self.stage_name)
 
-@dataclass
-class AttemptUsage:
+
+class AttemptUsage(AttemptSpend):
     """What an attempt spent, and what reuse spared it; accumulated while it runs."""
 
-    audio_seconds: float = 0.0
-    compute_seconds: float = 0.0
-    saved_input_tokens: int = 0
-    saved_output_tokens: int = 0
-    saved_cost_usd: Decimal = field(default_factory=Decimal)
-    saved_audio_seconds: float = 0.0
+    model_config = ConfigDict(validate_assignment=True)
 
     def columns(self) -> dict[str, Any]:
-        """Attempt columns to add these amounts to (savings set at claim time are kept)."""
+        """The attempt's columns, to write when it ends: what it spent, and its savings added
+        to those the claim recorded (a reused output is counted when the stage is claimed)."""
+        spent = self.model_dump()
         return {
-            "audio_seconds": self.audio_seconds,
-            "compute_seconds": self.compute_seconds,
-            "saved_input_tokens": F("saved_input_tokens") + self.saved_input_tokens,
-            "saved_output_tokens": F("saved_output_tokens") + self.saved_output_tokens,
-            "saved_cost_usd": F("saved_cost_usd") + self.saved_cost_usd,
-            "saved_audio_seconds": F("saved_audio_seconds") + self.saved_audio_seconds,
+            name: F(name) + value if name.startswith("saved_") else value
+            for name, value in spent.items()
         }
 
 
@@ -95,7 +92,7 @@ def db_now() -> datetime:
 
 
 def _spec(stage: Stage) -> StageSpec:
-    return workflow_get(stage.run.workflow).stage(stage.name)
+    return stage_spec(stage.run.workflow, stage.name)
 
 
 # --- runs ------------------------------------------------------------------------------------
@@ -349,7 +346,7 @@ def attempt_complete(
     claim: Claim, *, output: dict[str, Any], usage: AttemptUsage | None = None
 ) -> Stage | None:
     """Commit the output and `succeeded` together; open the next stage and return it."""
-    spec = workflow_get(claim.workflow).stage(claim.stage_name)
+    spec = claim.spec
     # The executor validated `output` already; read it back only for the spec's own readers.
     wanted = spec.output is not None and (spec.on_success or spec.flagged)
     model = spec.output.model_validate(output) if wanted and spec.output else None
@@ -476,6 +473,10 @@ class ExpiredLease:
     worker: str
     lease_expires_at: datetime
     attempt_started_at: datetime
+
+    @property
+    def spec(self) -> StageSpec:
+        return stage_spec(self.workflow, self.stage_name)
 
 
 def stages_lease_expired() -> list[ExpiredLease]:
@@ -633,6 +634,10 @@ class UnitClaim:
     worker: str
     run_input: dict[str, Any]
     subject: str
+
+    @property
+    def spec(self) -> StageSpec:
+        return stage_spec(self.workflow, self.stage_name)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from pipeline.core import dispatch, policy, store
 from pipeline.core.context import StageContext, UnitContext
 from pipeline.core.errors import LeaseLost, PermanentError, TransientError
 from pipeline.core.leases import LeaseKeeper
-from pipeline.core.workflow import StageSpec, workflow_get
+from pipeline.core.workflow import StageSpec
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ _POLL_SECONDS = 0.1
 def units_run(ctx: StageContext, items: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """The result of every unit in `items`, done by this worker and any free one on the queue."""
     claim = ctx.claim
-    spec = workflow_get(claim.workflow).stage(claim.stage_name)
+    spec = claim.spec
     if spec.unit is None:
         raise TypeError(f"stage {spec.name!r} declares no unit function to fan out to")
     keys = [key for key, _ in items]
@@ -120,7 +120,7 @@ def units_work(stage_id: int, *, worker: str) -> int:
     number done here. Stops at the first unit that fails: the attempt decides what follows."""
     done = 0
     while (claim := store.unit_claim(stage_id=stage_id, worker=worker)) is not None:
-        spec = workflow_get(claim.workflow).stage(claim.stage_name)
+        spec = claim.spec
         with structlog.contextvars.bound_contextvars(
             subject=claim.subject,
             run=claim.run_id,

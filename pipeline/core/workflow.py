@@ -11,10 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from django.conf import settings
 from pydantic import BaseModel, ValidationError
 
 from pipeline.core.errors import StageOutputInvalid
-from pipeline.core.policy import RetryPolicy
+from pipeline.core.policy import Decision, Failure, RetryPolicy, retry_decision
 
 if TYPE_CHECKING:
     from pipeline.core.context import StageContext, UnitContext
@@ -62,6 +63,13 @@ class StageSpec:
     # How many items of an output a person must review (say, statements its evidence does not
     # show); kept on the stage and counted on the dashboard.
     flagged: Callable[[Any], int] | None = None
+
+    def judge(self, failure: Failure, *, attempts_made: int) -> Decision:
+        """Retry or give up, after `attempts_made` attempts the last of which ended in
+        `failure`: the stage's policy decides, every wait scaled by `interval_scale()`."""
+        return retry_decision(
+            self.policy, failure, attempts_made=attempts_made, interval_scale=interval_scale()
+        )
 
     def output_dump(self, value: object) -> dict[str, object]:
         """Validate what the stage function returned against its model; the JSON to store."""
@@ -127,6 +135,17 @@ def workflow_get(name: str) -> Workflow:
         return _workflows[name]
     except KeyError:
         raise KeyError(f"no workflow named {name!r} is registered") from None
+
+
+def stage_spec(workflow: str, stage: str) -> StageSpec:
+    """The declaration of one stage of a registered workflow."""
+    return workflow_get(workflow).stage(stage)
+
+
+def interval_scale() -> float:
+    """What every retry wait is multiplied by (PIPELINE_RETRY_INTERVAL_SCALE: the tests run
+    backoffs at a hundredth of their length), whichever backend waits."""
+    return float(settings.PIPELINE_RETRY_INTERVAL_SCALE)
 
 
 def workflows_all() -> list[Workflow]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import openai
 from django.conf import settings
 from django.utils import timezone
-from openai.lib._parsing._completions import type_to_response_format_param
+from openai.lib import type_to_response_format_param
 from openai.types.chat import ChatCompletionMessageParam
 from pydantic import BaseModel, ValidationError
 
@@ -145,6 +145,9 @@ class LLMGateway:
         if not llm_enabled():
             return self._offline(output_type, offline, messages)
         model = self.model
+        # The SDK's structured-output schema, as `chat.completions.parse` would send it; the
+        # call itself is `create`, so that an answer is kept raw, valid or not, for the memo
+        # and the repair request.
         response_format = type_to_response_format_param(output_type)
         repairs_allowed = self._ctx.attempt_number
         accepted: T | None = None  # the last valid answer, doubts and all

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 from openai import OpenAI
-from openai.lib._parsing._completions import type_to_response_format_param
+from openai.lib import type_to_response_format_param
 from pydantic import BaseModel
 
 from pipeline.core.errors import PermanentError, TransientError

@@ -26,16 +26,16 @@ from pipeline.backends.temporal.workflow import (
 from pipeline.core import executor, recovery, store, units
 from pipeline.core.models import Stage
 from pipeline.core.states import StageStatus
-from pipeline.core.workflow import workflow_get
+from pipeline.core.workflow import interval_scale, stage_spec
 
 T = TypeVar("T")
 
 
 def stage_plan(stage: Stage) -> StagePlan:
     """A stage's declaration in Temporal's terms: its queue, timeout, heartbeat and retries."""
-    spec = workflow_get(stage.run.workflow).stage(stage.name)
+    spec = stage_spec(stage.run.workflow, stage.name)
     policy = spec.policy
-    scale = float(settings.PIPELINE_RETRY_INTERVAL_SCALE)
+    scale = interval_scale()
     return StagePlan(
         name=stage.name,
         task_queue=task_queue(spec.queue),

@@ -41,7 +41,6 @@ from pipeline.backends.temporal.workflow import (
 )
 from pipeline.core import store
 from pipeline.core.dispatch import RunLink
-from pipeline.core.workflow import workflow_get
 
 if TYPE_CHECKING:
     from pipeline.core.models import Stage
@@ -128,7 +127,7 @@ def run_workflow_cancel(run_id: int) -> None:
 
 def units_helpers_start(claim: store.Claim, *, count: int, timeout_seconds: float) -> None:
     """Lend a fanned-out stage `count` more workers of its task queue."""
-    spec = workflow_get(claim.workflow).stage(claim.stage_name)
+    spec = claim.spec
     plan = UnitsPlan(
         stage_id=claim.stage_id,
         task_queue=task_queue(spec.queue),
