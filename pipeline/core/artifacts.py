@@ -19,8 +19,12 @@ def storage_root() -> Path:
     return Path(settings.PRIVATE_STORAGE_ROOT)
 
 
+def _run_prefix(run_id: int) -> str:
+    return f"runs/{run_id}"
+
+
 def artifact_prefix(run_id: int, stage_name: str, attempt_number: int) -> str:
-    return f"runs/{run_id}/{stage_name}/attempt-{attempt_number}"
+    return f"{_run_prefix(run_id)}/{stage_name}/attempt-{attempt_number}"
 
 
 def attempt_dir(run_id: int, stage_name: str, attempt_number: int) -> Path:
@@ -50,7 +54,7 @@ def storage_relative(path: Path) -> str:
 
 def stage_dir(run_id: int, stage_name: str) -> Path:
     """The folder of every attempt of one stage of a run."""
-    return (storage_root() / f"runs/{run_id}/{stage_name}").resolve()
+    return (storage_root() / _run_prefix(run_id) / stage_name).resolve()
 
 
 def stage_dirs_delete(folders: Iterable[Path]) -> None:
@@ -78,7 +82,7 @@ def stage_dirs_of_subject(
     run_ids = set(Run.objects.filter(subject=subject).values_list("id", flat=True))
     candidates: set[tuple[int, str]] = set()
     for run_id in run_ids:
-        run_dir = storage_root() / f"runs/{run_id}"
+        run_dir = storage_root() / _run_prefix(run_id)
         if run_dir.is_dir():
             candidates |= {(run_id, child.name) for child in run_dir.iterdir()}
     # A re-run's reused stage points at the stage that wrote the files, whichever run it is in.
