@@ -70,7 +70,9 @@ from .core.store import (
     runs_erase as runs_erase,
 )
 from .core.units import (
+    stream_seal as stream_seal,
     units_run as units_run,
+    units_stream as units_stream,
 )
 from .core.workflow import (
     StageRef as StageRef,

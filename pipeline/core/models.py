@@ -76,6 +76,9 @@ class Stage(models.Model):
     # page shows as a progress bar. Reset when an attempt starts.
     progress_done = models.PositiveIntegerField(default=0)
     progress_total = models.PositiveIntegerField(null=True, blank=True)
+    # For a stage whose units keep arriving while it runs (`units_stream`): when its producer
+    # said no more will come. Until then the stage cannot finish.
+    input_sealed_at = models.DateTimeField(null=True, blank=True)
     # How many items of the committed output a person must review (`StageSpec.flagged`).
     flagged = models.PositiveIntegerField(default=0)
     # Set exactly when the stage is failed: a permanent error, or attempts exhausted.

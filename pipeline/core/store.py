@@ -119,7 +119,10 @@ def run_create(
             label=label,
         )
         reused: dict[str, Stage] = {}
+        # A stream the source run sealed is whole: its fork reads it again, sealed.
+        sealed: dict[str, datetime | None] = {}
         if forked_from is not None:
+            sealed = dict(forked_from.stages.values_list("name", "input_sealed_at"))
             fork_at = workflow.stage_names.index(fork_stage)
             reused = {
                 stage.name: stage
@@ -153,6 +156,7 @@ def run_create(
                     position=position,
                     status=StageStatus.READY if first_open else StageStatus.PENDING,
                     next_attempt_at=now if first_open else None,
+                    input_sealed_at=sealed.get(spec.name),
                 )
             )
             first_open = False
@@ -650,13 +654,13 @@ class UnitsState:
     failed: list[Unit]
 
 
-def units_plan(claim: Claim, items: list[tuple[str, dict[str, Any]]]) -> None:
-    """Give this attempt the units it still needs, in order: new ones, and those an earlier
-    attempt planned but did not finish (whose workers are fenced out from now on)."""
+def units_plan(claim: Claim, items: list[tuple[int, str, dict[str, Any]]]) -> None:
+    """Give this attempt the units it still needs, each (index, key, input): new ones, and those
+    an earlier attempt planned but did not finish (whose workers are fenced out from now on)."""
     with transaction.atomic():
         if not _held(claim).exists():
             raise LeaseLost(f"attempt {claim.attempt_number} of {claim.stage_name} lost its lease")
-        for index, (key, value) in enumerate(items):
+        for index, key, value in items:
             Unit.objects.update_or_create(
                 stage_id=claim.stage_id,
                 key=key,
@@ -672,6 +676,20 @@ def units_plan(claim: Claim, items: list[tuple[str, dict[str, Any]]]) -> None:
                     "retryable": True,
                 },
             )
+
+
+def stage_seal(*, run_id: int, stage_name: str) -> bool:
+    """Say that no more units will arrive for the run's stage; False if it was already said
+    (or the stage is not the run's). Allowed before the stage opens."""
+    return bool(
+        Stage.objects.filter(run_id=run_id, name=stage_name, input_sealed_at__isnull=True).update(
+            input_sealed_at=Now()
+        )
+    )
+
+
+def stage_sealed(claim: Claim) -> bool:
+    return Stage.objects.filter(id=claim.stage_id, input_sealed_at__isnull=False).exists()
 
 
 def _stage_run_by(stage_id: int, attempt_number: int) -> QuerySet[Stage, Any]:

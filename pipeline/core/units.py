@@ -14,6 +14,12 @@ order the results are wanted. The engine then
   stage's retry policy decides, and its next attempt redoes only the units not kept;
 - returns the results in the order asked, when every unit is done.
 
+A stage may also stream its units (`units_stream(ctx, source)`): they keep arriving while the
+stage runs, as a visit's audio does while it is recorded, until the producer seals the stage's
+input (`stream_seal`). The attempt's worker asks the source for new units between the units it
+does, so a stream costs no worker of its own; a later attempt asks the source from the start
+and keeps every unit already finished.
+
 Workers of a stage's earlier attempt are fenced out: a unit is the attempt's that planned it,
 and its result is kept only while that attempt runs the stage.
 """
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import structlog
@@ -31,58 +37,103 @@ from pipeline.core import dispatch, policy, store
 from pipeline.core.context import StageContext, UnitContext
 from pipeline.core.errors import LeaseLost, PermanentError, TransientError
 from pipeline.core.leases import LeaseKeeper
-from pipeline.core.workflow import StageSpec
+from pipeline.core.workflow import StageRef, StageSpec
 
 logger = logging.getLogger(__name__)
 
-# How often an attempt waiting for other workers' units looks again.
+# How often an attempt waiting for other workers' units looks again; and, while the stage's
+# input is still arriving, for new units too (slower: a visit may last hours).
 _POLL_SECONDS = 0.1
+_STREAM_POLL_SECONDS = 0.25
 
 
 def units_run(ctx: StageContext, items: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
     """The result of every unit in `items`, done by this worker and any free one on the queue."""
+    return _units_drive(ctx, lambda sealed: (items, True), sealed=lambda: True)
+
+
+# A stream's source: given whether the stage's input is sealed, every unit known so far, in
+# order (a list that only grows), and whether that list is the last one it will give.
+StreamSource = Callable[[bool], tuple[Sequence[tuple[str, dict[str, Any]]], bool]]
+
+
+def units_stream(ctx: StageContext, source: StreamSource) -> dict[str, Any]:
+    """As `units_run`, for units that keep arriving while the stage runs (audio transcribed
+    while it is recorded). `source` is asked on every round; new units are planned and taken
+    at once, with the same leases, fencing and checkpoints as `units_run`'s. The stage ends
+    when its input is sealed (`stream_seal`), `source` has said it gave its last unit, and
+    every unit is done; the results of all of them, in order."""
+    return _units_drive(ctx, source, sealed=lambda: store.stage_sealed(ctx.claim))
+
+
+def stream_seal(run_id: int, ref: StageRef[Any]) -> bool:
+    """No more units will arrive for the run's streaming stage `ref`: once it has done those it
+    has, it ends. False if its input was already sealed. Allowed before the stage opens."""
+    return store.stage_seal(run_id=run_id, stage_name=ref.name)
+
+
+def _units_drive(
+    ctx: StageContext, source: StreamSource, *, sealed: Callable[[], bool]
+) -> dict[str, Any]:
+    """Plan what `source` gives, do units until none is left to take, wait for the other
+    workers' to finish; until the source's list is sealed and whole."""
     claim = ctx.claim
     spec = claim.spec
     if spec.unit is None:
         raise TypeError(f"stage {spec.name!r} declares no unit function to fan out to")
-    keys = [key for key, _ in items]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"stage {spec.name!r} named a unit twice")
     kept = ctx.checkpoints()
-    pending = [(key, value) for key, value in items if key not in kept]
-    if pending:
-        store.units_plan(claim, pending)
-        dispatch.units_enqueue(claim, count=len(pending) - 1)
-        _units_await(ctx, spec, total=len(items), kept=len(items) - len(pending))
-        kept = ctx.checkpoints()
-    return {key: kept[key] for key in keys}
-
-
-def _units_await(ctx: StageContext, spec: StageSpec, *, total: int, kept: int) -> None:
-    """Do units until none is left to take, then wait for the other workers' to finish."""
-    claim = ctx.claim
+    keys: list[str] = []
+    reused = 0
     own_error: BaseException | None = None
-    reported = -1
+    reported: tuple[int, int | None] | None = None
     while True:
         # The lease is extended by the attempt's heartbeat thread; here only ask whether it
-        # was lost, and write progress only when it moved: the wait polls every 0.1 s.
+        # was lost, and write progress only when it moved: the wait polls several times a second.
         ctx.lease_check()
+        is_sealed = sealed()
+        items, last = source(is_sealed)
+        whole = is_sealed and last
+        seen = len(keys)
+        pending = _units_new(spec, keys, items, kept)
+        reused += len(keys) - seen - len(pending)
+        if pending:
+            store.units_plan(claim, pending)
+            dispatch.units_enqueue(claim, count=len(pending) - 1)
         state = store.units_state(claim)
-        if state.done != reported:
-            reported = state.done
-            ctx.progress(kept + state.done, total)
+        if (state.done, len(keys) if whole else None) != reported:
+            reported = (state.done, len(keys) if whole else None)
+            ctx.progress(reused + state.done, reported[1])
         failing = own_error is not None or bool(state.failed)
         if not failing:
             unit = store.unit_claim(stage_id=claim.stage_id, worker=claim.worker)
             if unit is not None:
                 own_error = unit_execute(spec, unit)
                 continue
-            if state.ready == 0 and state.running == 0:
-                return
+            if whole and state.ready == 0 and state.running == 0:
+                break
         elif state.running == 0:
             # Every unit still running has finished: nothing more can be kept by waiting.
             raise own_error or _unit_error(state.failed[0])
-        time.sleep(_POLL_SECONDS)
+        time.sleep(_POLL_SECONDS if whole else _STREAM_POLL_SECONDS)
+    kept = ctx.checkpoints()
+    return {key: kept[key] for key in keys}
+
+
+def _units_new(
+    spec: StageSpec,
+    keys: list[str],
+    items: Sequence[tuple[str, dict[str, Any]]],
+    kept: dict[str, Any],
+) -> list[tuple[int, str, dict[str, Any]]]:
+    """The units of `items` beyond the `keys` already seen (which it extends), as (index, key,
+    input), leaving out those an earlier attempt finished."""
+    if [key for key, _ in items[: len(keys)]] != keys:
+        raise ValueError(f"stage {spec.name!r} changed units it had already given")
+    new = list(enumerate(items[len(keys) :], start=len(keys)))
+    keys.extend(key for _, (key, _) in new)
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"stage {spec.name!r} named a unit twice")
+    return [(index, key, value) for index, (key, value) in new if key not in kept]
 
 
 def _unit_error(unit: Any) -> Exception:

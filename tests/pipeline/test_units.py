@@ -270,7 +270,7 @@ def test_workers_racing_for_units_each_get_a_different_one_while_any_is_ready():
     run = store.run_create(workflow=FAN, subject="fan", input={"count": 0})
     claim = store.stage_claim(stage_id=stage_of(run).id, worker="coordinator")
     assert claim is not None
-    store.units_plan(claim, [(f"n:{n}", {"n": n}) for n in range(48)])
+    store.units_plan(claim, [(n, f"n:{n}", {"n": n}) for n in range(48)])
     racers = 24
     start = threading.Barrier(racers)
     taken: list[str | None] = []
