@@ -114,6 +114,8 @@ def base_environment(workdir: Path, database_url: str, **overrides: str) -> dict
         "HF_HUB_OFFLINE": "1",
         "LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "WARNING"),
         "OPENAI_API_KEY": "",
+        # Generated recordings, no patient: no consent to ask of anyone.
+        "CONSENT_COLLECTED_ELSEWHERE": "1",
         "PYTHONPATH": str(REPO),
     }
     env.update(overrides)

@@ -324,6 +324,17 @@ WHISPER_BEAM_SIZE = env_int("WHISPER_BEAM_SIZE", 5)
 # its own model, so library defaults would oversubscribe them); elsewhere, the library default.
 WHISPER_CPU_THREADS = env_int("WHISPER_CPU_THREADS", 0)
 TRANSCRIBE_CHUNK_SECONDS = env_float("TRANSCRIBE_CHUNK_SECONDS", 120.0)
+# While a visit is recorded, chunks are cut this long (about a quarter more at most), so that
+# the transcript trails the conversation by one chunk and Stop leaves one chunk to transcribe:
+# on a 2-core host a 20 s chunk takes about 1.5 s (BENCHMARKS.md, "The live visit").
+TRANSCRIBE_LIVE_CHUNK_SECONDS = env_float("TRANSCRIBE_LIVE_CHUNK_SECONDS", 20.0)
+# No consent, no capture: a visit is recorded or processed only once the clinician has recorded
+# the patient's consent, unless the practice collects it outside this application (say so here;
+# every visit then records that it did).
+CONSENT_COLLECTED_ELSEWHERE = env_bool("CONSENT_COLLECTED_ELSEWHERE", default=False)
+# A recording whose pieces stopped coming this long ago is shown as interrupted: the clinician
+# may resume it from any device, finish it with what arrived, or withdraw it.
+RECORDING_IDLE_MINUTES = env_float("RECORDING_IDLE_MINUTES", 2.0)
 
 # --- Recordings ----------------------------------------------------------------------------
 RECORDING_MAX_BYTES = env_int("RECORDING_MAX_BYTES", 500 * 1024 * 1024)

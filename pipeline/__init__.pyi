@@ -53,6 +53,7 @@ from .core.selectors import (
     runs_with_stages as runs_with_stages,
     stage_output as stage_output,
     stage_token_averages as stage_token_averages,
+    stage_units_done as stage_units_done,
     usage_totals as usage_totals,
     with_failed_stage as with_failed_stage,
 )

@@ -49,6 +49,13 @@ def fast_retries(settings) -> None:
     settings.OPENAI_API_KEY = ""
 
 
+@pytest.fixture(autouse=True)
+def consent_collected_elsewhere(settings) -> None:
+    """Most tests are about something other than consent: their recordings count as consented
+    outside the app (a deployment setting). The tests of consent turn this off."""
+    settings.CONSENT_COLLECTED_ELSEWHERE = True
+
+
 @pytest.fixture
 def clinician(django_user_model):
     return django_user_model.objects.create_user(username="dr_ada", password="pw-ada-12345!")

@@ -7,13 +7,51 @@ from django.template.defaultfilters import filesizeformat
 
 from visits.errors import RecordingRejected
 from visits.notes.versions import ItemEdit
+from visits.privacy.consent import ATTESTED_METHODS, ConsentGiven
 from visits.schemas import ChartNote
 from visits.services import RECORDING_EXTENSIONS, recording_validate, visit_ref_validate
 
 _REF_HELP = "Optional: the EHR's identifier (an MRN or FHIR id), never a name."
 
 
-class VisitUploadForm(forms.Form):
+class ConsentForm(forms.Form):
+    """The patient's consent to recording, attested by the clinician before any capture; not
+    asked where the practice collects it elsewhere (CONSENT_COLLECTED_ELSEWHERE)."""
+
+    consent_method = forms.ChoiceField(
+        label="Patient's consent to recording",
+        choices=[(method.value, method.label) for method in ATTESTED_METHODS],
+        widget=forms.RadioSelect,
+        error_messages={
+            "required": "Record the patient's consent first: nothing is recorded or processed "
+            "without it."
+        },
+    )
+    others_present = forms.CharField(
+        label="Also present",
+        max_length=200,
+        required=False,
+        help_text="Optional: who else is in the room, by role (parent, interpreter); no names.",
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if settings.CONSENT_COLLECTED_ELSEWHERE:
+            del self.fields["consent_method"]
+            del self.fields["others_present"]
+
+    def consent(self, clinician: Any) -> ConsentGiven | None:
+        """The consent given (None where it is collected elsewhere); after `is_valid`."""
+        if "consent_method" not in self.cleaned_data:
+            return None
+        return ConsentGiven(
+            method=self.cleaned_data["consent_method"],
+            attested_by=clinician,
+            others_present=self.cleaned_data["others_present"],
+        )
+
+
+class VisitUploadForm(ConsentForm):
     label = forms.CharField(
         max_length=200,
         required=False,

@@ -24,7 +24,8 @@ class Visit(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="visits"
     )
     label = models.CharField(max_length=200, blank=True)
-    recording = models.FileField(upload_to=recording_upload_to, max_length=255)
+    # Empty while a browser recording is still being made: its pieces are joined here at Stop.
+    recording = models.FileField(upload_to=recording_upload_to, max_length=255, blank=True)
     recording_name = models.CharField(max_length=255)
     recording_bytes = models.PositiveBigIntegerField()
     current_run = models.ForeignKey(
@@ -37,6 +38,10 @@ class Visit(models.Model):
     # Set for a recording made in the browser: its session, so that sending it twice makes
     # one visit.
     recording_session = models.UUIDField(null=True, blank=True, unique=True, editable=False)
+    # A browser recording is a visit from its first second: when its last piece arrived (to
+    # tell a live recording from an interrupted one), and when Stop sealed it.
+    pieces_received_at = models.DateTimeField(null=True, blank=True, editable=False)
+    recording_stopped_at = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(auto_now_add=True)
     # When its PHI (recording, audio, transcript, summaries, model answers) was deleted under
     # the retention policy (`privacy.retention`); the row, the signed note and the trail stay.
@@ -57,6 +62,39 @@ class Visit(models.Model):
 
 
 VISIT_SUBJECT_PREFIX = "visit:"
+
+
+class RecordingConsent(models.Model):
+    """The patient's consent to ambient recording of one visit, recorded before any capture;
+    and its withdrawal, which stops the visit's pipeline and purges what it recorded."""
+
+    class Method(models.TextChoices):
+        VERBAL = "verbal", "verbal, attested by the clinician"
+        WRITTEN = "written", "written"
+        ELSEWHERE = "elsewhere", "collected outside this application (CONSENT_COLLECTED_ELSEWHERE)"
+        SYNTHETIC = "synthetic", "no patient: a synthetic recording (demo, evaluation)"
+
+    visit = models.OneToOneField(Visit, on_delete=models.PROTECT, related_name="consent")
+    method = models.CharField(max_length=16, choices=Method.choices)
+    attested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.PROTECT, related_name="+"
+    )
+    attested_at = models.DateTimeField()
+    # Others in the room (a parent, an interpreter), as roles: never a name.
+    others_present = models.CharField(max_length=200, blank=True)
+    withdrawn_at = models.DateTimeField(null=True, blank=True)
+    withdrawn_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+"
+    )
+    withdrawal_reason = models.CharField(max_length=500, blank=True)
+
+    def __str__(self) -> str:
+        state = "withdrawn" if self.withdrawn_at else "given"
+        return f"consent to record visit {self.visit_id}: {self.method}, {state}"
+
+    @property
+    def active(self) -> bool:
+        return self.withdrawn_at is None
 
 
 def visit_subject(visit_id: int) -> str:
@@ -210,6 +248,10 @@ class AccessEvent(models.Model):
         CANCEL = "cancel", "cancelled the run"
         RETRY_DELIVERY = "retry_delivery", "retried the delivery to the EHR"
         PURGE = "purge", "purged the visit's PHI under the retention policy"
+        CONSENT = "consent", "recorded the patient's consent to recording"
+        WITHDRAW_CONSENT = "withdraw_consent", "recorded the withdrawal of consent"
+        RECORD = "record", "started recording the visit"
+        STOP_RECORDING = "stop_recording", "stopped recording the visit"
         LOGIN = "login", "signed in"
         LOGIN_FAILED = "login_failed", "failed to sign in"
         LOGOUT = "logout", "signed out"

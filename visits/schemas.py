@@ -226,15 +226,21 @@ class _StageOutput(BaseModel):
 
 
 class IngestOutput(_StageOutput):
-    audio: str = Field(description="artifact reference of the 16 kHz mono PCM")
+    """A recording decoded whole (an upload), or accepted as a live stream of pieces, which
+    `transcribe` decodes as they arrive: then the audio and its length are its to say."""
+
+    audio: str | None = Field(description="artifact reference of the 16 kHz mono PCM")
     sample_rate: int
-    duration_seconds: float
+    duration_seconds: float | None
     source_format: str
-    source_bytes: int
+    source_bytes: int | None
+    live: bool = False
 
 
 class TranscribeOutput(_StageOutput):
     transcript: str = Field(description="artifact reference of the Transcript JSON")
+    # A live recording's audio, decoded here as it arrived (an upload's is the ingest's).
+    audio: str | None = None
     model: str
     segments: int
     words: int

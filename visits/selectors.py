@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Literal
 
+from django.conf import settings
 from django.db.models import QuerySet
 from django.utils import timezone
 from pydantic import BaseModel
@@ -21,9 +22,10 @@ from pipeline import (
     run_stages,
     runs_of_subject,
     runs_with_stages,
+    stage_units_done,
     usage_totals,
 )
-from visits.models import AccessEvent, NoteVersion, Visit
+from visits.models import AccessEvent, NoteVersion, RecordingConsent, Visit
 from visits.refs import DELIVER, INGEST, NOTE, NOTE_DELIVERY, SUMMARIZE, TRANSCRIBE
 from visits.schemas import (
     ChartNote,
@@ -54,7 +56,7 @@ def visits_visible_to(user: User) -> QuerySet[Visit]:
 
 
 def visits_of_clinician(user: User) -> QuerySet[Visit]:
-    return Visit.objects.filter(clinician=user).select_related("current_run")
+    return Visit.objects.filter(clinician=user).select_related("current_run", "consent")
 
 
 def visit_stages(visit: Visit) -> list[Stage]:
@@ -97,7 +99,12 @@ def transcription_progress(
         (s for s in stages if s.name == "transcribe" and s.status == StageStatus.RUNNING), None
     )
     ingested = output_of(stages, INGEST)
-    if running is None or ingested is None or not running.progress_total:
+    if (
+        running is None
+        or ingested is None
+        or ingested.duration_seconds is None  # live: its length is known only at Stop
+        or not running.progress_total
+    ):
         return None
     done, total = running.progress_done, running.progress_total
     attempts = list(running.attempts.all())
@@ -171,6 +178,67 @@ class DeliveryDoc(BaseModel):
     attempts: list[AttemptDoc]
 
 
+class ConsentDoc(BaseModel):
+    method: str
+    attested_by: str | None
+    attested_at: str
+    others_present: str
+    status: Literal["active", "withdrawn"]
+    withdrawn_at: str | None
+
+
+def consent_doc(visit: Visit) -> ConsentDoc | None:
+    consent = RecordingConsent.objects.filter(visit=visit).select_related("attested_by").first()
+    if consent is None:  # a visit from before consent was recorded
+        return None
+    return ConsentDoc(
+        method=consent.method,
+        attested_by=consent.attested_by.get_username() if consent.attested_by else None,
+        attested_at=consent.attested_at.isoformat(),
+        others_present=consent.others_present,
+        status="active" if consent.active else "withdrawn",
+        withdrawn_at=_iso(consent.withdrawn_at),
+    )
+
+
+RecordingState = Literal["recording", "interrupted", "stopped", "withdrawn"]
+
+
+def recording_state(visit: Visit, *, now: datetime | None = None) -> RecordingState | None:
+    """Where a browser recording stands (None for an upload): *interrupted* when its pieces
+    stopped coming `RECORDING_IDLE_MINUTES` ago and it was not stopped."""
+    if visit.recording_session is None:
+        return None
+    consent = getattr(visit, "consent", None)
+    if consent is not None and not consent.active:
+        return "withdrawn"
+    if visit.recording_stopped_at is not None:
+        return "stopped"
+    last = visit.pieces_received_at or visit.created_at
+    idle = ((now or timezone.now()) - last).total_seconds()
+    return "interrupted" if idle > settings.RECORDING_IDLE_MINUTES * 60 else "recording"
+
+
+class LiveTranscript(BaseModel):
+    """What a visit being recorded has transcribed so far (the finished chunks, in order)."""
+
+    state: RecordingState | None
+    segments: list[Segment]
+    heard_seconds: float  # the end of the last segment heard
+
+
+def live_transcript(visit: Visit) -> LiveTranscript:
+    chunks = stage_units_done(visit.current_run_id, TRANSCRIBE) if visit.current_run_id else []
+    segments = [
+        Segment(id=i, **raw) for i, raw in enumerate(raw for chunk in chunks for raw in chunk)
+    ]
+    return LiveTranscript(
+        state=recording_state(visit),
+        segments=segments,
+        heard_seconds=segments[-1].end if segments else 0.0,
+    )
+
+
 class VisitStatus(BaseModel):
     """Everything about a visit's pipeline and its results, as one document."""
 
@@ -193,6 +261,8 @@ class VisitStatus(BaseModel):
     deliveries: list[DeliveryDoc]
     # When the visit's PHI was deleted under the retention policy (`visits.privacy.retention`).
     purged_at: str | None = None
+    consent: ConsentDoc | None = None
+    recording: RecordingState | None = None  # a browser recording's state; None for an upload
 
     def summary_lines(self) -> list[str]:
         """A short human reading: the visit's state, each stage, what it cost."""
@@ -209,6 +279,13 @@ class VisitStatus(BaseModel):
             lines.append(line)
         if self.note_version is not None:
             lines.append(f"  note: version {self.note_version}, {self.note_status}")
+        if self.recording is not None:
+            lines.append(f"  recording: {self.recording}")
+        if self.consent is not None:
+            lines.append(
+                f"  consent: {self.consent.method}, {self.consent.status}"
+                + (f" since {self.consent.withdrawn_at[:16]}" if self.consent.withdrawn_at else "")
+            )
         for delivery in self.deliveries:
             lines.append(
                 f"  delivery of version {delivery.version}: {delivery.status}, "
@@ -331,6 +408,8 @@ def visit_status_document(
         engine=latest.engine if latest else None,
         deliveries=visit_deliveries(visit),
         purged_at=_iso(visit.purged_at),
+        consent=consent_doc(visit),
+        recording=recording_state(visit),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import uuid
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -34,6 +34,7 @@ from pipeline import (
 from visits.errors import SUPPORTED_FORMATS, RecordingRejected
 from visits.models import ClinicianVocabulary, Visit
 from visits.privacy.audit import Action, audit_record, current_origin
+from visits.privacy.consent import ConsentGiven, consent_record, consent_required
 from visits.refs import NOTE_DELIVERY
 from visits.selectors import visit_note_signed
 from visits.speech.vocabulary import vocabulary_prompt
@@ -86,26 +87,25 @@ def visit_create(
     clinician: User,
     recording: UploadedFile | Path,
     label: str = "",
-    recording_session: uuid.UUID | None = None,
     patient_ref: str = "",
     encounter_ref: str = "",
     whisper_prompt: str | None = None,
+    consent: ConsentGiven | None = None,
 ) -> Visit:
     """Store the recording privately, create the visit and its first run (not yet started).
-    The transcription's prompt is the clinician's vocabulary unless `whisper_prompt` says."""
-    patient_ref = visit_ref_validate(patient_ref, what="patient reference")
-    encounter_ref = visit_ref_validate(encounter_ref, what="encounter reference")
+    The transcription's prompt is the clinician's vocabulary unless `whisper_prompt` says;
+    `consent` is the patient's (`privacy.consent.consent_required`)."""
+    consent = consent_required(consent)
     if isinstance(recording, Path):
         name, size = recording.name, recording.stat().st_size
     else:
         name, size = recording.name or "", recording.size or 0
     recording_validate(name=name, size=size)
-    visit = Visit(
+    visit = _visit_new(
         clinician=clinician,
-        label=label[:200],
-        recording_name=name[:255],
+        label=label,
+        recording_name=name,
         recording_bytes=size,
-        recording_session=recording_session,
         patient_ref=patient_ref,
         encounter_ref=encounter_ref,
     )
@@ -117,24 +117,82 @@ def visit_create(
     else:
         visit.recording.save(name, recording, save=False)
     try:
-        with transaction.atomic():
-            visit.save()
-            visit.current_run = run_create(
-                workflow=VISIT_WORKFLOW,
-                subject=visit.subject,
-                input={
-                    "recording": visit.recording.name,
-                    # Fixed now, so that every attempt and re-run transcribes alike.
-                    "whisper_prompt": clinician_vocabulary_prompt(clinician)
-                    if whisper_prompt is None
-                    else whisper_prompt,
-                },
-            )
-            visit.save(update_fields=["current_run"])
+        _visit_insert(
+            visit,
+            consent=consent,
+            run_input={"recording": visit.recording.name},
+            whisper_prompt=whisper_prompt,
+        )
     except BaseException:
         visit.recording.delete(save=False)
         raise
     return visit
+
+
+def visit_create_live(
+    *,
+    clinician: User,
+    recording_session: uuid.UUID,
+    pieces_folder: str,
+    recording_format: str,
+    label: str = "",
+    patient_ref: str = "",
+    encounter_ref: str = "",
+    consent: ConsentGiven | None = None,
+) -> Visit:
+    """Create the visit of a recording that is starting now, and its run: the pieces arriving
+    in `pieces_folder` (storage-relative) are transcribed as they come
+    (`visits.capture.browser_recordings`)."""
+    consent = consent_required(consent)
+    visit = _visit_new(
+        clinician=clinician,
+        label=label,
+        recording_name=f"browser-recording.{recording_format}",
+        recording_bytes=0,
+        patient_ref=patient_ref,
+        encounter_ref=encounter_ref,
+    )
+    visit.recording_session = recording_session
+    _visit_insert(
+        visit,
+        consent=consent,
+        run_input={"recording_pieces": pieces_folder, "recording_format": recording_format},
+        whisper_prompt=None,
+    )
+    return visit
+
+
+def _visit_new(
+    *, clinician: User, label: str, patient_ref: str, encounter_ref: str, **rest: Any
+) -> Visit:
+    return Visit(
+        clinician=clinician,
+        label=label[:200],
+        patient_ref=visit_ref_validate(patient_ref, what="patient reference"),
+        encounter_ref=visit_ref_validate(encounter_ref, what="encounter reference"),
+        **rest,
+    )
+
+
+def _visit_insert(
+    visit: Visit, *, consent: ConsentGiven, run_input: dict[str, Any], whisper_prompt: str | None
+) -> None:
+    """Save the new visit with its consent and its first run, in one transaction."""
+    with transaction.atomic():
+        visit.save()
+        consent_record(visit, consent)
+        visit.current_run = run_create(
+            workflow=VISIT_WORKFLOW,
+            subject=visit.subject,
+            input={
+                **run_input,
+                # Fixed now, so that every attempt and re-run transcribes alike.
+                "whisper_prompt": clinician_vocabulary_prompt(visit.clinician)
+                if whisper_prompt is None
+                else whisper_prompt,
+            },
+        )
+        visit.save(update_fields=["current_run"])
 
 
 def clinician_vocabulary_prompt(clinician: User) -> str:

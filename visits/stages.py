@@ -12,7 +12,7 @@ import hashlib
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from django.conf import settings
 from openai.types.chat import ChatCompletionMessageParam
@@ -29,6 +29,7 @@ from pipeline import (
     artifact_path,
     llm_enabled,
     units_run,
+    units_stream,
 )
 from visits.errors import EmptyRecording, NoSpeechDetected, RecordingTooLong, UnreadableRecording
 from visits.notes import claims, offline, prompts, versions as notes
@@ -45,24 +46,25 @@ from visits.schemas import (
     Transcript,
     evidence_check,
 )
-from visits.speech import audio, transcription, whisper_models as speech_models
+from visits.speech import audio, pieces, transcription, whisper_models as speech_models
 
 # Fewer words than this is no conversation: never let a model invent a visit from it.
 MIN_SPEECH_WORDS = 4
 
 
 def ingest(ctx: StageContext) -> IngestOutput:
-    """Decode the uploaded recording into 16 kHz mono PCM."""
+    """Decode the uploaded recording into 16 kHz mono PCM; or, for a recording still being
+    made, wait for its first piece and hand the stream to `transcribe`."""
+    if "recording_pieces" in ctx.input:
+        return _ingest_live(ctx)
     source = artifact_path(ctx.input["recording"])
     with ctx.artifact_writer("audio.s16le") as pcm:
         # Decoded in a child process with limits: the upload is untrusted.
         decoded = audio.recording_normalize_isolated(
             source,
             Path(pcm.name),
-            max_seconds=settings.RECORDING_MAX_SECONDS,
-            memory_bytes=settings.RECORDING_DECODE_MEMORY_MB * 2**20,
-            cpu_seconds=settings.RECORDING_DECODE_CPU_SECONDS,
             heartbeat=ctx.heartbeat,
+            **_decode_limits(),
         )
     return IngestOutput(
         audio=ctx.artifact_ref("audio.s16le"),
@@ -73,38 +75,76 @@ def ingest(ctx: StageContext) -> IngestOutput:
     )
 
 
-def transcribe(ctx: StageContext) -> TranscribeOutput:
-    """Transcribe chunk by chunk, each a unit any free transcription worker takes; each finished
-    chunk is kept, so a retry starts after it."""
-    started = time.monotonic()
-    ingested = ctx.output(INGEST)
-    pcm = audio.pcm_load(artifact_path(ingested.audio))
-    bounds = transcription.chunk_bounds(pcm, settings.TRANSCRIBE_CHUNK_SECONDS)
-    model = speech_models.model_choice().name
+def _decode_limits() -> dict[str, Any]:
+    return {
+        "max_seconds": settings.RECORDING_MAX_SECONDS,
+        "memory_bytes": settings.RECORDING_DECODE_MEMORY_MB * 2**20,
+        "cpu_seconds": settings.RECORDING_DECODE_CPU_SECONDS,
+    }
+
+
+def _ingest_live(ctx: StageContext) -> IngestOutput:
+    folder = artifact_path(ctx.input["recording_pieces"])
+    while not pieces.piece_path(folder, 0).exists():
+        if pieces.pieces_sealed(folder) == 0:
+            raise EmptyRecording("The recording was stopped before any audio arrived.")
+        ctx.lease_check()  # a withdrawn visit's run is cancelled: stop waiting
+        time.sleep(0.5)
+    return IngestOutput(
+        audio=None,
+        sample_rate=audio.SAMPLE_RATE,
+        duration_seconds=None,
+        source_format=ctx.input["recording_format"],
+        source_bytes=None,
+        live=True,
+    )
+
+
+def _chunk_units(
+    ctx: StageContext, model: str, audio_ref: str, bounds: list[tuple[int, int]]
+) -> list[tuple[str, dict[str, Any]]]:
+    """The units of `transcribe`, one per chunk of `bounds` of the PCM `audio_ref`."""
     # A chunk heard by another model or with another prompt is another transcription: the key
     # names both, and how a chunk was cut into segments, so a retry after a change of any of
     # them transcribes again rather than mix two kinds in one transcript.
     heard_by = hashlib.sha256(f"{model}\n{ctx.input.get('whisper_prompt', '')}".encode())
-    chunks = [
+    return [
         (
             f"chunk:{transcription.SEGMENTS_VERSION}:{heard_by.hexdigest()[:12]}:"
             f"{index:05d}:{start}:{end}",
-            {"audio": ingested.audio, "start": start, "end": end},
+            {"audio": audio_ref, "start": start, "end": end},
         )
         for index, (start, end) in enumerate(bounds)
     ]
+
+
+def transcribe(ctx: StageContext) -> TranscribeOutput:
+    """Transcribe chunk by chunk, each a unit any free transcription worker takes; each finished
+    chunk is kept, so a retry starts after it. A live recording is decoded and cut into chunks
+    while it is being made, and each is transcribed as soon as it is cut."""
+    started = time.monotonic()
+    ingested = ctx.output(INGEST)
+    model = speech_models.model_choice().name
     kept = ctx.checkpoints(prefix="chunk:")
-    for (key, _), (start, end) in zip(chunks, bounds, strict=True):
-        seconds = (end - start) / audio.SAMPLE_RATE
+    if ingested.live:
+        audio_ref, duration, chunks, heard = _transcribe_live(ctx, model)
+    else:
+        assert ingested.audio is not None and ingested.duration_seconds is not None
+        audio_ref, duration = ingested.audio, ingested.duration_seconds
+        pcm = audio.pcm_load(artifact_path(audio_ref))
+        bounds = transcription.chunk_bounds(pcm, settings.TRANSCRIBE_CHUNK_SECONDS)
+        chunks = _chunk_units(ctx, model, audio_ref, bounds)
+        heard = units_run(ctx, chunks)
+    for key, value in chunks:
+        seconds = (value["end"] - value["start"]) / audio.SAMPLE_RATE
         if key in kept:
             ctx.usage.saved_audio_seconds += seconds
         else:
             ctx.usage.audio_seconds += seconds
-    heard = units_run(ctx, chunks)
     raw_segments = [segment for key, _ in chunks for segment in heard[key]]
     transcript = Transcript(
         model=model,
-        duration_seconds=ingested.duration_seconds,
+        duration_seconds=duration,
         segments=[Segment(id=i, **segment) for i, segment in enumerate(raw_segments)],
     )
     ctx.usage.compute_seconds = time.monotonic() - started
@@ -118,12 +158,44 @@ def transcribe(ctx: StageContext) -> TranscribeOutput:
         handle.write(transcript.model_dump_json())
     return TranscribeOutput(
         transcript=ctx.artifact_ref("transcript.json"),
+        audio=audio_ref if ingested.live else None,
         model=transcript.model,
         segments=len(transcript.segments),
         words=transcript.word_count,
-        chunks=len(bounds),
+        chunks=len(chunks),
         chunks_reused=len(kept.keys() & heard.keys()),
     )
+
+
+def _transcribe_live(
+    ctx: StageContext, model: str
+) -> tuple[str, float, list[tuple[str, dict[str, Any]]], dict[str, Any]]:
+    """Decode the pieces as they arrive (in a child with limits: they are untrusted), cut the
+    audio into chunks at pauses and stream them to the workers, until the recording is sealed
+    and every chunk is heard. A later attempt decodes from the first piece again: the cuts fall
+    where they fell, so every chunk already heard is kept."""
+    ctx.attempt_dir.mkdir(parents=True, exist_ok=True)
+    dest = ctx.attempt_dir / "audio.s16le"
+    dest.touch()  # read before the decoder has written anything
+    audio_ref = ctx.artifact_ref("audio.s16le")
+    cutter = transcription.ChunkCutter(settings.TRANSCRIBE_LIVE_CHUNK_SECONDS)
+    decoded: list[audio.DecodedRecording] = []
+    with audio.DecodeChild(
+        artifact_path(ctx.input["recording_pieces"]),
+        dest,
+        stream_format=ctx.input["recording_format"],
+        **_decode_limits(),
+    ) as child:
+
+        def source(sealed: bool) -> tuple[list[tuple[str, dict[str, Any]]], bool]:
+            if not decoded and (done := child.poll()) is not None:
+                decoded.append(done)
+            bounds = cutter.cut(audio.pcm_load(dest), final=bool(decoded))
+            return _chunk_units(ctx, model, audio_ref, bounds), bool(decoded)
+
+        heard = units_stream(ctx, source)
+    chunks = _chunk_units(ctx, model, audio_ref, cutter.bounds)
+    return audio_ref, round(decoded[0].duration_seconds, 3), chunks, heard
 
 
 def transcribe_chunk(unit: UnitContext) -> list[transcription.RawSegment]:
@@ -238,7 +310,8 @@ VISIT_WORKFLOW = Workflow(
             policy=RetryPolicy(
                 initial_interval_seconds=5,
                 maximum_attempts=3,
-                start_to_close_timeout_seconds=7200,
+                # A live recording's attempt lasts as long as the visit does.
+                start_to_close_timeout_seconds=int(settings.RECORDING_MAX_SECONDS) + 3600,
                 non_retryable_error_codes=(NoSpeechDetected.code,),
             ),
         ),

@@ -30,10 +30,11 @@ from visits.capture.browser_recordings import (
     RecordingIncomplete,
     recording_piece_save,
     recording_session_finish,
+    recording_session_start,
 )
 from visits.capture.recording_response import recording_response
 from visits.capture.uploads import RecordingSizeLimit
-from visits.forms import VisitRefsForm, VisitUploadForm, note_edits_from_post
+from visits.forms import ConsentForm, VisitRefsForm, VisitUploadForm, note_edits_from_post
 from visits.models import Visit
 from visits.notes.fhir import FHIR_JSON, NoteTampered, NoteUnresolved, note_bundle_json
 from visits.notes.versions import (
@@ -45,9 +46,11 @@ from visits.notes.versions import (
     note_sign,
 )
 from visits.privacy.audit import Action, audit_record
+from visits.privacy.consent import consent_withdraw
 from visits.selectors import (
     NoteEntry,
     after_visit_summary,
+    live_transcript,
     note_entry_pick,
     note_history,
     transcription_progress,
@@ -123,6 +126,7 @@ def _visit_upload(request: AuthenticatedHttpRequest, limit: RecordingSizeLimit) 
                 label=form.cleaned_data["label"],
                 patient_ref=form.cleaned_data["patient_ref"],
                 encounter_ref=form.cleaned_data["encounter_ref"],
+                consent=form.consent(request.user),
             )
         except PipelineError as exc:
             form.add_error("recording", str(exc))
@@ -141,6 +145,8 @@ def _upload_context(form: VisitUploadForm) -> dict[str, object]:
     """The form, and the limits stated before anyone uploads."""
     return {
         "form": form,
+        # The recorder's own copy of the consent questions (its ids apart from the form's).
+        "consent_form": ConsentForm(auto_id="record-%s"),
         "max_bytes": settings.RECORDING_MAX_BYTES,
         "max_hours": round(settings.RECORDING_MAX_SECONDS / 3600, 1),
     }
@@ -163,8 +169,37 @@ def recording_piece(
 
 @login_required
 @require_POST
+def recording_start(request: AuthenticatedHttpRequest, session_id: uuid.UUID) -> JsonResponse:
+    """Record pressed: with the patient's consent, the visit and its run exist from now on."""
+    form = ConsentForm(request.POST)
+    if not form.is_valid():
+        return JsonResponse(
+            {"error": " ".join(str(e) for errors in form.errors.values() for e in errors)},
+            status=400,
+        )
+    try:
+        visit = recording_session_start(
+            clinician=request.user,
+            session_id=session_id,
+            mime=request.POST.get("mime", ""),
+            consent=form.consent(request.user),
+            label=request.POST.get("label", ""),
+        )
+    except PipelineError as exc:
+        return JsonResponse({"error": str(exc), "code": exc.code}, status=400)
+    return JsonResponse(
+        {
+            "visit": visit.pk,
+            "url": reverse("visits:detail", args=[visit.pk]),
+            "transcript_url": reverse("visits:live_transcript", args=[visit.pk]),
+        }
+    )
+
+
+@login_required
+@require_POST
 def recording_finish(request: AuthenticatedHttpRequest, session_id: uuid.UUID) -> JsonResponse:
-    """Recording stopped: join the pieces, create the visit, start its pipeline."""
+    """Recording stopped: every piece is here; seal it, so only the tail is left to do."""
     try:
         pieces = int(request.POST.get("pieces", ""))
     except ValueError:
@@ -174,7 +209,6 @@ def recording_finish(request: AuthenticatedHttpRequest, session_id: uuid.UUID) -
             clinician=request.user,
             session_id=session_id,
             pieces=pieces,
-            mime=request.POST.get("mime", ""),
             label=request.POST.get("label", ""),
         )
     except PipelineError as exc:
@@ -182,6 +216,50 @@ def recording_finish(request: AuthenticatedHttpRequest, session_id: uuid.UUID) -
         status = 409 if isinstance(exc, RecordingIncomplete) else 400
         return JsonResponse({"error": str(exc), "code": exc.code}, status=status)
     return JsonResponse({"visit": visit.pk, "url": reverse("visits:detail", args=[visit.pk])})
+
+
+@login_required
+@require_POST
+def visit_recording_finish(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
+    """An interrupted recording, finished from its visit page with the pieces that arrived."""
+    visit = _visit_for(request, visit_id, Action.STOP_RECORDING, record=False)
+    session = visit.recording_session
+    if session is None:
+        raise Http404("This visit was not recorded in the browser.")
+    return _act_on_visit(
+        request,
+        visit,
+        lambda: recording_session_finish(clinician=request.user, session_id=session, pieces=None),
+        done="Recording finished with the audio that arrived; the note is on its way.",
+    )
+
+
+@session_passive
+@login_required
+@require_GET
+def visit_live_transcript(request: AuthenticatedHttpRequest, visit_id: int) -> JsonResponse:
+    """The transcript so far of a visit being recorded, polled by the recorder every few
+    seconds. The first poll of a visit in a session is recorded in the audit trail; the rest
+    are the same look."""
+    seen = f"live-transcript-{visit_id}"
+    visit = _visit_for(request, visit_id, Action.VIEW_VISIT, record=seen not in request.session)
+    request.session[seen] = True
+    return JsonResponse(live_transcript(visit).model_dump(mode="json"))
+
+
+@login_required
+@require_POST
+def consent_withdraw_view(request: AuthenticatedHttpRequest, visit_id: int) -> HttpResponse:
+    visit = _visit_for(request, visit_id, Action.WITHDRAW_CONSENT, record=False)
+    return _act_on_visit(
+        request,
+        visit,
+        lambda: consent_withdraw(
+            visit=visit, actor=request.user, reason=request.POST.get("reason", "")
+        ),
+        done="Consent withdrawn: the pipeline was stopped and the recording, transcript and "
+        "drafts were deleted.",
+    )
 
 
 @login_required
@@ -251,6 +329,8 @@ def _visit_context(request: AuthenticatedHttpRequest, visit: Visit) -> dict[str,
             (entry, delivered.get(entry.version.number)) for entry in reversed(history)
         ],
         "is_owner": visit.clinician_id == request.user.pk,
+        "consent": getattr(visit, "consent", None),
+        "idle_minutes": settings.RECORDING_IDLE_MINUTES,
         "needs_reason": latest is not None
         and not latest.version.is_signed
         and not latest.version.reason
@@ -490,6 +570,12 @@ def visit_recording(request: AuthenticatedHttpRequest, visit_id: int) -> HttpRes
         refusal = f"The recording was deleted on {visit.purged_at:%Y-%m-%d} (retention policy)."
         audit_record(Action.PLAY_RECORDING, user=request.user, visit=visit, refused=refusal)
         return HttpResponse(refusal, status=410, content_type="text/plain; charset=utf-8")
+    if not visit.recording:
+        return HttpResponse(
+            "The recording is still being made; it can be played once it is stopped.",
+            status=409,
+            content_type="text/plain; charset=utf-8",
+        )
     audit_record(
         Action.PLAY_RECORDING,
         user=request.user,

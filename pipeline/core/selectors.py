@@ -29,8 +29,8 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.core.models import Attempt, AuditEntry, Checkpoint, LLMCall, Run, Stage
-from pipeline.core.states import StageStatus
+from pipeline.core.models import Attempt, AuditEntry, Checkpoint, LLMCall, Run, Stage, Unit
+from pipeline.core.states import StageStatus, UnitStatus
 from pipeline.core.workflow import StageRef, workflow_get
 
 OutputT = TypeVar("OutputT", bound=BaseModel)
@@ -226,6 +226,19 @@ def run_stages(run_id: int) -> list[Stage]:
         .prefetch_related(attempts)
         .order_by("position")
     )
+
+
+def stage_units_done(run_id: int, ref: StageRef[Any]) -> list[Any]:
+    """The results of the stage's finished units, in unit order: what a stage that is still
+    running (a stream, say) has done so far."""
+    units = Unit.objects.filter(stage__run_id=run_id, stage__name=ref.name, status=UnitStatus.DONE)
+    keys = list(units.order_by("index").values_list("key", flat=True))
+    kept = dict(
+        Checkpoint.objects.filter(
+            stage__run_id=run_id, stage__name=ref.name, key__in=keys
+        ).values_list("key", "value")
+    )
+    return [kept[key] for key in keys if key in kept]
 
 
 def output_of(stages: Sequence[Stage], ref: StageRef[OutputT]) -> OutputT | None:

@@ -1,15 +1,20 @@
 // Record a visit in the browser.
 //
+// Record first tells the server (with the patient's consent, asked on the page): the visit and
+// its run exist from then on, and the transcript grows on the page while the visit goes on.
 // MediaRecorder hands over a piece of Opus audio every few seconds. Each piece is first kept in
-// IndexedDB, then sent to the server; it is deleted from the browser only when the recording
-// has become a visit. If the connection drops, pieces wait and are sent again; if the page is
+// IndexedDB, then sent to the server; it is deleted from the browser only once the recording is
+// stopped on the server. If the connection drops, pieces wait and are sent again; if the page is
 // reloaded mid-recording, the pieces kept so far are offered for sending on the next visit to
-// this page. The server stores pieces by index, so sending one twice is harmless.
+// this page, to the clinician who recorded them only. The server stores pieces by index, so
+// sending one twice is harmless.
 (function () {
   "use strict";
 
   // A reload or a closed tab loses at most the piece being recorded: keep pieces short.
   var PIECE_MS = 3000;
+  // How often the transcript so far is fetched: well within one chunk (20 s) of real time.
+  var TRANSCRIPT_POLL_MS = 3000;
   var DB_NAME = "visit-recordings";
   var root = document.getElementById("recorder");
   if (!root) return;
@@ -23,6 +28,27 @@
     return root.dataset.pieceUrl.replace(ZERO, session).replace(/\/0\/$/, "/" + index + "/");
   }
   function finishUrl(session) { return root.dataset.finishUrl.replace(ZERO, session); }
+  function startUrl(session) { return root.dataset.startUrl.replace(ZERO, session); }
+  var user = root.dataset.user;
+
+  // --- consent: asked before anything is recorded (absent where it is collected elsewhere)
+  var consentBox = $("[data-recorder-consent]");
+  function consentGiven() {
+    return !consentBox || !!consentBox.querySelector("input[name=consent_method]:checked");
+  }
+  function consentFields(form) {
+    if (!consentBox) return;
+    consentBox.querySelectorAll("input").forEach(function (input) {
+      if ((input.type !== "radio" && input.type !== "checkbox") || input.checked) form.append(input.name, input.value);
+    });
+  }
+  function consentShow() {
+    if (recorder) return;
+    button("record-start").disabled = !consentGiven();
+    if (!consentGiven()) say("Record the patient's consent to recording first: nothing is recorded without it.");
+    else say("");
+  }
+  if (consentBox) consentBox.addEventListener("change", consentShow);
 
   function say(text, isError) {
     var el = $("[data-recorder-message]");
@@ -73,15 +99,22 @@
   // --- sending: one piece at a time, in order, retried with backoff until the server has it
   var queue = Promise.resolve();
   var unsent = 0;
+  function showUnsent() {
+    var el = $("[data-recorder-unsent]");
+    el.hidden = unsent === 0;
+    el.textContent = unsent === 1 ? "1 piece (the last few seconds) is not yet on the server; it is kept in this browser."
+      : unsent + " pieces (" + Math.round(unsent * PIECE_MS / 1000) + " s of audio) are not yet on the server; they are kept in this browser.";
+  }
   function send(session, index, blob) {
     unsent += 1;
+    showUnsent();
     queue = queue.then(function attempt(_, delay) {
       delay = delay || 1000;
       return fetch(pieceUrl(session, index), {
         method: "POST", body: blob, credentials: "same-origin",
         headers: { "X-CSRFToken": csrf, "Content-Type": "application/octet-stream" },
       }).then(function (response) {
-        if (response.ok) { unsent -= 1; return; }
+        if (response.ok) { unsent -= 1; showUnsent(); return; }
         return response.json().then(function (body) { throw new Error(body.error || response.statusText); });
       }).catch(function (error) {
         if (error instanceof TypeError) { // offline: wait and try again; the piece is kept
@@ -91,6 +124,7 @@
           });
         }
         unsent -= 1;
+        showUnsent();
         say(error.message, true);
         throw error;
       });
@@ -98,19 +132,66 @@
     return queue;
   }
 
-  function finish(session, pieces, mime) {
+  function post(url, form) {
+    return fetch(url, {
+      method: "POST", body: form, credentials: "same-origin", headers: { "X-CSRFToken": csrf },
+    }).then(function (response) {
+      return response.json().then(function (body) {
+        if (!response.ok) throw new Error(body.error || response.statusText);
+        return body;
+      });
+    });
+  }
+
+  // Create the visit of a session (the same visit if it exists: a resent start is harmless).
+  function begin(session, mime) {
+    var form = new FormData();
+    form.append("mime", mime);
+    consentFields(form);
+    return post(startUrl(session), form);
+  }
+
+  function finish(session, pieces) {
     var form = new FormData();
     form.append("pieces", String(pieces));
-    form.append("mime", mime);
     return fetch(finishUrl(session), {
       method: "POST", body: form, credentials: "same-origin", headers: { "X-CSRFToken": csrf },
     }).then(function (response) {
       return response.json().then(function (body) {
         if (!response.ok) throw new Error(body.error || response.statusText);
+        stopTranscript();
         return forget(session).then(function () { window.location.assign(body.url); });
       });
     });
   }
+
+  // --- the transcript so far, fetched while recording and shown as text (never as markup)
+  var transcriptTimer = null;
+  function showTranscript(url) {
+    var box = $("[data-recorder-transcript]"), lines = $("[data-recorder-lines]");
+    function poll() {
+      if (document.hidden) return;
+      fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } })
+        .then(function (response) { return response.ok ? response.json() : null; })
+        .then(function (body) {
+          if (!body) return;
+          box.hidden = false;
+          while (lines.children.length > body.segments.length) lines.removeChild(lines.lastChild);
+          body.segments.forEach(function (segment, i) {
+            var line = lines.children[i];
+            if (!line) { line = document.createElement("p"); line.dataset.segment = String(i); lines.appendChild(line); }
+            var s = Math.floor(segment.start);
+            var text = Math.floor(s / 60) + ":" + String(s % 60).padStart(2, "0") + "  " + segment.text;
+            if (line.textContent !== text) line.textContent = text;
+          });
+        })
+        .catch(function () {});
+    }
+    stopTranscript();
+    poll();
+    transcriptTimer = setInterval(poll, TRANSCRIPT_POLL_MS);
+  }
+  function stopTranscript() { if (transcriptTimer) clearInterval(transcriptTimer); transcriptTimer = null; }
 
   // --- recording
   var recorder = null, stream = null, session = null, index = 0, startedAt = 0, pausedMs = 0, pausedAt = 0, timer = null;
@@ -151,6 +232,7 @@
   }
 
   function start() {
+    if (!consentGiven()) { consentShow(); return; }
     if (!navigator.mediaDevices || !window.MediaRecorder) {
       say("This browser cannot record audio. Use a current Chrome, Edge or Firefox, or upload a file below.", true);
       return;
@@ -166,8 +248,7 @@
       session = crypto.randomUUID();
       index = 0; pausedMs = 0; pausedAt = 0; startedAt = Date.now();
       recorder = new MediaRecorder(stream, mime ? { mimeType: mime } : undefined);
-      var info = { id: session, mime: recorder.mimeType || mime, started: startedAt, pieces: 0, stopped: false };
-      putSession(info);
+      var info = { id: session, user: user, mime: recorder.mimeType || mime, started: startedAt, pieces: 0, stopped: false };
       recorder.ondataavailable = function (event) {
         if (!event.data || !event.data.size) return;
         var mine = index++, blob = event.data, id = session;
@@ -184,16 +265,29 @@
         stored
           .then(function () { return putSession(info); })
           .then(function () { return queue; })
-          .then(function () { return finish(info.id, info.pieces, info.mime); })
+          .then(function () { return finish(info.id, info.pieces); })
           .catch(function (error) { say(error.message + " The recording is kept in this browser.", true); });
       };
-      recorder.start(PIECE_MS);
-      meter(stream);
-      timer = setInterval(showElapsed, 250);
       button("record-start").disabled = true;
-      button("record-pause").disabled = false;
-      button("record-stop").disabled = false;
-      say("Recording. Pieces are sent as you go.");
+      say("Starting the visit…");
+      return begin(session, info.mime).then(function (visit) {
+        info.visit = visit.url;
+        return putSession(info).then(function () {
+          recorder.start(PIECE_MS);
+          meter(stream);
+          timer = setInterval(showElapsed, 250);
+          button("record-pause").disabled = false;
+          button("record-stop").disabled = false;
+          if (consentBox) consentBox.disabled = true;
+          say("Recording visit #" + visit.visit + ". It is transcribed as you go.");
+          showTranscript(visit.transcript_url);
+        });
+      }, function (error) {
+        stream.getTracks().forEach(function (t) { t.stop(); });
+        recorder = null;
+        button("record-start").disabled = !consentGiven();
+        say(error.message, true);
+      });
     }).catch(function (error) {
       if (error && (error.name === "NotAllowedError" || error.name === "SecurityError")) {
         say("The microphone was refused. Allow it for this site (the icon in the address bar) and press Record again, or upload a file below.", true);
@@ -232,7 +326,9 @@
   var pending = null;
   function offerPending() {
     allSessions().then(function (sessions) {
-      pending = sessions && sessions.length ? sessions[0] : null;
+      // A shared workstation: another clinician's kept recording is never offered (nor sent).
+      var mine = (sessions || []).filter(function (s) { return String(s.user) === user; });
+      pending = mine.length ? mine[0] : null;
       if (!pending) return;
       var when = new Date(pending.started).toLocaleTimeString();
       $("[data-recorder-pending-text]").textContent =
@@ -244,10 +340,11 @@
     if (!pending) return;
     var p = pending;
     say("Sending the kept recording…");
-    piecesOf(p.id).then(function (pieces) {
+    // Started already (the same visit), or, for a recording kept from before, started now.
+    begin(p.id, p.mime).then(function () { return piecesOf(p.id); }).then(function (pieces) {
       pieces.forEach(function (piece) { send(p.id, piece.index, piece.blob); });
       var count = pieces.reduce(function (n, piece) { return Math.max(n, piece.index + 1); }, 0);
-      return queue.then(function () { return finish(p.id, count, p.mime); });
+      return queue.then(function () { return finish(p.id, count); });
     }).catch(function (error) { say(error.message, true); });
   }
   function discard() {
@@ -264,4 +361,5 @@
     if (recorder || unsent > 0) { event.preventDefault(); event.returnValue = ""; }
   });
   offerPending();
+  consentShow();
 })();

@@ -1,6 +1,8 @@
 """Recording a visit in the browser (static/js/recorder.js) with Chromium's fake microphone,
-which plays the sample visit: record, stop, and the visit is transcribed; a dropped connection
-and a reload mid-recording lose nothing said before them; a refused microphone says so.
+which plays the sample visit: consent first; record, and the transcript grows on the page while
+the visit goes on, through a killed worker cluster; stop, and the note follows; a dropped
+connection and a reload mid-recording lose nothing said before them; a refused microphone
+says so.
 
 Chromium reads the fake microphone from a WAV file given on its command line, so these tests
 share a browser of their own (`microphone_browser`). It is launched without
@@ -19,8 +21,10 @@ import av
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, expect
 
+from pipeline.core import recovery
 from tests.browser.test_workspace import FINISH_MS, log_in
 from tests.conftest import SAMPLE_VISIT, requires_postgres
+from tests.support.cluster import Cluster
 from visits.models import Visit
 
 pytestmark = requires_postgres
@@ -84,9 +88,7 @@ def new_context(
 def record_for(page: Page, seconds: int) -> None:
     """Press Record and wait until the recorder's own clock shows `seconds`."""
     page.locator('[data-action="record-start"]').click()
-    expect(page.locator("[data-recorder-message]")).to_have_text(
-        "Recording. Pieces are sent as you go."
-    )
+    expect(page.locator("[data-recorder-message]")).to_contain_text("Recording visit #")
     wait_for_elapsed(page, seconds)
 
 
@@ -173,7 +175,8 @@ def test_a_dropped_connection_and_a_reload_lose_nothing_recorded(
     assert kept is not None, pending.inner_text()
     # ~15 s recorded before the reload, a piece every 3 s; the one being recorded is lost.
     assert int(kept.group(1)) >= 4, pending.inner_text()
-    assert not Visit.objects.exists()
+    # The visit exists since Record; it is not stopped: its pieces are still to come.
+    assert Visit.objects.get().recording_stopped_at is None
 
     page.locator('[data-action="record-resend"]').click()
 
@@ -195,6 +198,55 @@ def test_a_dropped_connection_and_a_reload_lose_nothing_recorded(
         })"""
     )
     assert kept_sessions == 0
+
+
+@pytest.mark.cluster
+def test_consent_then_the_transcript_grows_while_recording_through_a_killed_cluster(
+    live_server, new_context, clinician, settings, tmp_path
+):
+    settings.CONSENT_COLLECTED_ELSEWHERE = False
+    settings.PIPELINE_LEASE_SECONDS = 3.0  # the killed cluster's lease runs out soon
+    # Chunks of 10 s: the 42 s sample is heard in four of them, the first well before Stop.
+    live = {"TRANSCRIBE_LIVE_CHUNK_SECONDS": "10"}
+    clusters = [Cluster(tmp_path / "cluster-0.log", **live).start()]
+    try:
+        page = new_context(permissions=["microphone"]).new_page()
+        log_in(page, clinician.username)
+        page.goto("/visits/new/")
+        record = page.locator('[data-action="record-start"]')
+        message = page.locator("[data-recorder-message]")
+        # No consent, no capture: Record waits for it and says why.
+        expect(record).to_be_disabled()
+        expect(message).to_contain_text("Record the patient's consent to recording first")
+        page.locator("#recorder").get_by_label("verbal, attested by the clinician").check()
+        expect(record).to_be_enabled()
+
+        record_for(page, 1)
+        lines = page.locator("[data-recorder-lines] p")
+        # The first chunk is heard while the visit goes on.
+        expect(lines.first).to_be_visible(timeout=RECORDING_MS)
+        heard_early = " ".join(lines.all_inner_texts()).lower()
+        clusters[0].kill()  # every worker, mid-visit; recording carries on
+        wait_for_elapsed(page, 24)
+        clusters.append(Cluster(tmp_path / "cluster-1.log", **live).start())
+        # What the operator's sweep does every few seconds: the killed attempt's lease is
+        # reaped and the stage sent again, to the new cluster.
+        page.wait_for_timeout(4000)
+        recovery.sweep()
+        wait_for_elapsed(page, 44)
+        assert Visit.objects.get().recording_stopped_at is None
+        page.locator('[data-action="record-stop"]').click()
+
+        transcript = expect_visit_succeeds(page, clusters[-1])
+    finally:
+        for cluster in clusters:
+            cluster.kill()
+    assert "headache" in heard_early, heard_early
+    # Words from before the kill and from the end of the visit, long after it, each once.
+    assert "headache" in transcript and "milligrams" in transcript, transcript
+    assert transcript.count("brings you in today") == 1, transcript
+    visit = Visit.objects.get()
+    assert visit.consent.method == "verbal" and visit.consent.attested_by == clinician
 
 
 def test_a_refused_microphone_is_explained_and_record_stays_usable(

@@ -36,6 +36,19 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _serving(cli: str, address: str) -> bool:
+    try:
+        answer = subprocess.run(
+            [cli, "operator", "cluster", "health", "--address", address],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except subprocess.SubprocessError:
+        return False
+    return answer.returncode == 0 and "SERVING" in answer.stdout
+
+
 @contextlib.contextmanager
 def dev_server(cli: str, folder: Path) -> Iterator[str]:
     """`temporal server start-dev --headless` on free ports; yields its address."""
@@ -63,9 +76,9 @@ def dev_server(cli: str, folder: Path) -> Iterator[str]:
     address = f"127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
+        # A port that accepts is not yet a server that answers (CI saw a client refused after
+        # the port had accepted): wait for the frontend's own health check.
+        while not _serving(cli, address):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the Temporal dev server did not start; see {log.name}")
             time.sleep(0.1)

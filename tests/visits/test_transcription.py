@@ -248,3 +248,26 @@ def test_attempts_on_threads_of_one_process_split_the_cores_and_get_a_model_work
     finally:
         transcription.whisper_model.cache_clear()
     assert alone in (0, 8)  # a command's default, or a django-q2 worker's share
+
+
+# --- cutting a recording that is still growing --------------------------------------------------
+
+
+@pytest.mark.parametrize("step_seconds", [0.7, 3.0, 11.0])
+def test_a_growing_recording_is_cut_where_the_whole_of_it_is_cut(sample_pcm, step_seconds):
+    """The live cutter, fed the sample a few seconds at a time, cuts exactly where the cutter of
+    the whole file does, and never moves a cut it has made (a cut is part of a checkpoint's
+    key)."""
+    pcm = audio.pcm_load(sample_pcm)
+    whole = transcription.chunk_bounds(pcm, 8.0)
+    cutter = transcription.ChunkCutter(8.0)
+    step = int(step_seconds * audio.SAMPLE_RATE)
+    seen: list[tuple[int, int]] = []
+    for end in range(step, len(pcm), step):
+        bounds = list(cutter.cut(pcm[:end], final=False))
+        assert bounds[: len(seen)] == seen
+        assert all(stop <= end for _, stop in bounds)
+        seen = bounds
+
+    assert cutter.cut(pcm, final=True) == whole
+    assert len(whole) > 3 and seen != whole

@@ -1,12 +1,16 @@
-"""Recordings made in the browser, received piece by piece while the clinician records.
+"""Recordings made in the browser: a visit from the first second, transcribed while it lasts.
 
-The browser's MediaRecorder hands over a piece every few seconds; each is sent here at once and
-kept in the browser (IndexedDB) until the server confirms it, so neither a dropped connection
-nor a reloaded page loses audio. A piece is stored under its index, so sending it twice is
-harmless. When recording stops, `recording_session_finish` checks that every piece is here,
-joins them in order into one file (MediaRecorder's pieces are consecutive bytes of one stream)
-and creates the visit from it, exactly once per session (the database holds the session id
-unique on the visit).
+Record creates the visit and starts its run (`recording_session_start`), once the patient's
+consent is recorded. The browser's MediaRecorder then hands over a piece every few seconds; each
+is sent here at once and kept in the browser (IndexedDB) until the server confirms it, so
+neither a dropped connection nor a reloaded page loses audio. A piece is stored under its
+index, so sending it twice is harmless. The run's `transcribe` stage decodes the pieces as they
+arrive and transcribes the audio chunk by chunk while the visit goes on (`visits.stages`).
+
+Stop (`recording_session_finish`) checks that every piece is here, seals the recording (the
+decoder then knows its end, and the engine that no more chunks will come), and joins the pieces
+in order into the visit's recording file, for playback and retention; only the last chunk,
+the summary and the note are left to do.
 """
 
 from __future__ import annotations
@@ -17,12 +21,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from django.conf import settings
-from django.db import IntegrityError
+from django.core.files import File
+from django.db import IntegrityError, transaction
 from django.template.defaultfilters import filesizeformat
+from django.utils import timezone
 
+from pipeline import storage_relative, stream_seal
 from visits.errors import RecordingRejected
 from visits.models import Visit
-from visits.services import visit_create, visit_start
+from visits.privacy.audit import Action, audit_record
+from visits.privacy.consent import ConsentGiven
+from visits.refs import TRANSCRIBE
+from visits.services import visit_create_live, visit_start
+from visits.speech.audio import STREAM_DEMUXERS
+from visits.speech.pieces import piece_path, pieces_seal
 
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
@@ -45,8 +57,67 @@ def _session_dir(clinician: User, session_id: uuid.UUID) -> Path:
     return root / str(clinician.pk) / session_id.hex
 
 
-def _piece_path(folder: Path, index: int) -> Path:
-    return folder / f"{index:06d}.piece"
+def _stream_format(mime: str) -> str:
+    """The live decoder's name for what MediaRecorder records; refused if it cannot stream."""
+    extension = MIME_EXTENSIONS.get(mime.split(";")[0].strip().lower())
+    if extension is None:
+        raise RecordingRejected(
+            f"The browser recorded “{mime or 'an unknown format'}”, which we cannot take; "
+            "record in a current Chrome, Edge or Firefox, or upload a file instead."
+        )
+    name = extension.lstrip(".")
+    if name not in STREAM_DEMUXERS:
+        raise RecordingRejected(
+            "This browser records MP4, which cannot be transcribed while it is recorded. "
+            "Record in a current Chrome, Edge or Firefox, or upload the file after the visit."
+        )
+    return name
+
+
+def _session_visit(clinician: User, session_id: uuid.UUID) -> Visit:
+    visit = Visit.objects.filter(recording_session=session_id, clinician=clinician).first()
+    if visit is None:
+        raise RecordingRejected(
+            "This recording was not started here: press Record again to start a visit."
+        )
+    return visit
+
+
+def recording_session_start(
+    *,
+    clinician: User,
+    session_id: uuid.UUID,
+    mime: str,
+    consent: ConsentGiven | None,
+    label: str = "",
+    patient_ref: str = "",
+    encounter_ref: str = "",
+) -> Visit:
+    """Create the visit of a recording that starts now, and start its run; the same visit for
+    a session already started (a resent request)."""
+    started = Visit.objects.filter(recording_session=session_id, clinician=clinician).first()
+    if started is not None:
+        return started
+    recording_format = _stream_format(mime)
+    folder = _session_dir(clinician, session_id)
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        visit = visit_create_live(
+            clinician=clinician,
+            recording_session=session_id,
+            pieces_folder=storage_relative(folder),
+            recording_format=recording_format,
+            label=label,
+            patient_ref=patient_ref,
+            encounter_ref=encounter_ref,
+            consent=consent,
+        )
+    except IntegrityError:
+        # A second start raced this one and won (or the session is another clinician's).
+        return _session_visit(clinician, session_id)
+    audit_record(Action.RECORD, user=clinician, visit=visit)
+    visit_start(visit=visit)
+    return visit
 
 
 def recording_piece_save(*, clinician: User, session_id: uuid.UUID, index: int, data: bytes) -> int:
@@ -60,12 +131,12 @@ def recording_piece_save(*, clinician: User, session_id: uuid.UUID, index: int, 
             f"Piece {index} is {filesizeformat(len(data))}; a piece may be at most "
             f"{filesizeformat(PIECE_MAX_BYTES)}."
         )
-    if Visit.objects.filter(recording_session=session_id).exists():
-        raise RecordingRejected("This recording was already sent and made into a visit.")
+    visit = _session_visit(clinician, session_id)
+    if visit.recording_stopped_at is not None:
+        raise RecordingRejected("This recording was stopped; start a new visit for the rest.")
     folder = _session_dir(clinician, session_id)
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     kept = sum(path.stat().st_size for path in folder.glob("*.piece"))
-    previous = _piece_path(folder, index)
+    previous = piece_path(folder, index)
     kept -= previous.stat().st_size if previous.exists() else 0
     if kept + len(data) > settings.RECORDING_MAX_BYTES:
         raise RecordingRejected(
@@ -76,47 +147,73 @@ def recording_piece_save(*, clinician: User, session_id: uuid.UUID, index: int, 
     partial = previous.with_suffix(".partial")
     partial.write_bytes(data)
     partial.replace(previous)
+    # One write per piece, whatever the length of the visit: what tells live from interrupted.
+    Visit.objects.filter(pk=visit.pk).update(pieces_received_at=timezone.now())
     return kept + len(data)
 
 
+def pieces_arrived(visit: Visit) -> int:
+    """How many pieces of the visit's recording are here without a gap, from the first."""
+    assert visit.recording_session is not None
+    folder = _session_dir(visit.clinician, visit.recording_session)
+    count = 0
+    while piece_path(folder, count).exists():
+        count += 1
+    return count
+
+
 def recording_session_finish(
-    *, clinician: User, session_id: uuid.UUID, pieces: int, mime: str, label: str = ""
+    *, clinician: User, session_id: uuid.UUID, pieces: int | None, label: str = ""
 ) -> Visit:
-    """Join the session's pieces into one recording and create and start its visit. Calling it
-    again for a finished session returns the same visit."""
-    done = Visit.objects.filter(recording_session=session_id, clinician=clinician).first()
-    if done is not None:
-        return done
+    """Stop the recording at `pieces` pieces (None: those that arrived, for an interrupted
+    recording finished from another tab) and seal it; the same visit when already stopped."""
+    visit = _session_visit(clinician, session_id)
     folder = _session_dir(clinician, session_id)
-    extension = MIME_EXTENSIONS.get(mime.split(";")[0].strip().lower())
-    if extension is None:
-        raise RecordingRejected(
-            f"The browser recorded “{mime or 'an unknown format'}”, which we cannot take; "
-            "record in a current Chrome, Edge or Firefox, or upload a file instead."
+    with transaction.atomic():
+        visit = Visit.objects.select_for_update().get(pk=visit.pk)
+        if visit.recording_stopped_at is not None:
+            return visit
+        if pieces is None:
+            pieces = pieces_arrived(visit)
+        if not 1 <= pieces <= PIECES_MAX:
+            raise RecordingRejected("The recording has no audio yet; record for a few seconds.")
+        missing = [i for i in range(pieces) if not piece_path(folder, i).exists()]
+        if missing:
+            shown = ", ".join(str(i) for i in missing[:10]) + ("…" if len(missing) > 10 else "")
+            raise RecordingIncomplete(
+                f"{len(missing)} piece(s) of the recording have not arrived ({shown}). Keep "
+                "this page open: they are kept in the browser and will be sent again."
+            )
+        pieces_seal(folder, pieces)
+        _recording_join(visit, folder, pieces)
+        visit.recording_stopped_at = timezone.now()
+        if label:
+            visit.label = label[:200]
+        visit.save(
+            update_fields=[
+                "recording",
+                "recording_bytes",
+                "recording_stopped_at",
+                "label",
+            ]
         )
-    if pieces < 1:
-        raise RecordingRejected("The recording has no audio yet; record for a few seconds.")
-    missing = [i for i in range(pieces) if not _piece_path(folder, i).exists()]
-    if missing:
-        shown = ", ".join(str(i) for i in missing[:10]) + ("…" if len(missing) > 10 else "")
-        raise RecordingIncomplete(
-            f"{len(missing)} piece(s) of the recording have not arrived ({shown}). Keep this "
-            "page open: they are kept in the browser and will be sent again."
-        )
-    joined = folder / f"browser-recording{extension}"
+        audit_record(Action.STOP_RECORDING, user=clinician, visit=visit, detail=f"{pieces} pieces")
+        if visit.current_run is not None:
+            stream_seal(visit.current_run.pk, TRANSCRIBE)
+    return visit
+
+
+def _recording_join(visit: Visit, folder: Path, pieces: int) -> None:
+    """The pieces in order, as one file: the visit's recording (MediaRecorder's pieces are
+    consecutive bytes of one stream). The pieces stay for the transcription still reading them."""
+    joined = folder / f"joined{Path(visit.recording_name).suffix}"
     with joined.open("wb") as out:
         for index in range(pieces):
-            with _piece_path(folder, index).open("rb") as piece:
+            with piece_path(folder, index).open("rb") as piece:
                 shutil.copyfileobj(piece, out)
     try:
-        visit = visit_create(
-            clinician=clinician, recording=joined, label=label, recording_session=session_id
-        )
-    except IntegrityError:
-        # A second finish raced this one and won: its visit is the recording's.
-        return Visit.objects.get(recording_session=session_id, clinician=clinician)
+        with joined.open("rb") as handle:
+            visit.recording.save(visit.recording_name, File(handle), save=False)
+        visit.recording_bytes = joined.stat().st_size
     finally:
         joined.unlink(missing_ok=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    visit_start(visit=visit)
-    return visit

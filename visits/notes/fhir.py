@@ -14,6 +14,10 @@ yields the same identifier: what a receiving EHR can de-duplicate on.
 | SOAP assessment | 51848-0 Assessment |
 | SOAP plan | 18776-5 Plan of care |
 | patient summary | 69730-0 Instructions |
+| consent to recording | 59284-0 Patient consent (and a `Consent` entry) |
+
+The patient's consent to recording travels with every note as a `Consent` resource: `active`,
+or `inactive` once withdrawn (its provision's period then ends at the withdrawal).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from django.utils.html import escape
 from fhir.resources.R4B.bundle import Bundle
 
 from pipeline import OperationRefused, stage_output
+from visits.models import RecordingConsent, Visit
 from visits.refs import SUMMARIZE
 from visits.schemas import Finding, NoteItem
 from visits.selectors import NoteEntry
@@ -80,6 +85,65 @@ def _section(code: str, title: str, items: list[Finding] | list[NoteItem]) -> di
     return section
 
 
+CONSENT_CATEGORY = {"system": LOINC, "code": "59284-0", "display": "Patient Consent"}
+
+
+def consent_resource(visit: Visit, consent: RecordingConsent) -> dict[str, Any]:
+    """The visit's consent to ambient recording as a FHIR `Consent` (R4B): an opt-in to
+    collecting the visit's audio, attested by the clinician, inactive once withdrawn."""
+    period: dict[str, str] = {"start": consent.attested_at.isoformat()}
+    if consent.withdrawn_at is not None:
+        period["end"] = consent.withdrawn_at.isoformat()
+    resource: dict[str, Any] = {
+        "resourceType": "Consent",
+        "id": _urn(f"visit-{visit.pk}", "Consent").removeprefix("urn:uuid:"),
+        "status": "active" if consent.active else "inactive",
+        "scope": {
+            "coding": [
+                {
+                    "system": "http://terminology.hl7.org/CodeSystem/consentscope",
+                    "code": "patient-privacy",
+                    "display": "Privacy Consent",
+                }
+            ]
+        },
+        "category": [
+            {
+                "coding": [CONSENT_CATEGORY],
+                "text": f"Consent to ambient recording: {consent.get_method_display()}",
+            }
+        ],
+        "dateTime": consent.attested_at.isoformat(),
+        "policyRule": {
+            "coding": [
+                {"system": "http://terminology.hl7.org/CodeSystem/v3-ActCode", "code": "OPTIN"}
+            ]
+        },
+        "verification": [{"verified": True, "verificationDate": consent.attested_at.isoformat()}],
+        "provision": {
+            "type": "permit",
+            "period": period,
+            "action": [
+                {
+                    "coding": [
+                        {
+                            "system": "http://terminology.hl7.org/CodeSystem/consentaction",
+                            "code": "collect",
+                        }
+                    ],
+                    "text": "record the visit's audio and transcribe it",
+                }
+            ],
+        },
+    }
+    if consent.attested_by is not None:
+        # Who recorded the consent; R4B's `performer` is who agrees, hence the display only.
+        resource["performer"] = [{"display": consent.attested_by.get_username()}]
+    if visit.patient_ref:
+        resource["patient"] = _reference(visit.patient_ref, "Patient")
+    return resource
+
+
 def note_bundle(entry: NoteEntry, *, now: datetime | None = None) -> Bundle:
     """The FHIR document of one note version: `preliminary` while a draft, `final` when signed,
     `amended` when it replaced an earlier signed version. A signed version's document is the
@@ -108,6 +172,7 @@ def note_bundle(entry: NoteEntry, *, now: datetime | None = None) -> Bundle:
         complaint = [summary.chief_complaint] if summary.chief_complaint else []
         sections.append(_section("10154-3", "Chief complaint", complaint))
         sections.append(_section("10164-2", "History of present illness", summary.history))
+    consent = RecordingConsent.objects.filter(visit=visit).select_related("attested_by").first()
     sections += [
         _section("61150-9", "Subjective", note.soap.subjective),
         _section("61149-1", "Objective", note.soap.objective),
@@ -126,6 +191,18 @@ def note_bundle(entry: NoteEntry, *, now: datetime | None = None) -> Bundle:
         "title": "Progress note",
         "section": sections,
     }
+    consent_url = _urn(f"visit-{visit.pk}", "Consent")
+    if consent is not None:
+        state = "given" if consent.active else f"withdrawn {consent.withdrawn_at:%Y-%m-%d %H:%M}"
+        section = _section(CONSENT_CATEGORY["code"], "Consent to recording", [])
+        section.pop("emptyReason")
+        section["text"]["div"] = (
+            '<div xmlns="http://www.w3.org/1999/xhtml"><p>'
+            + escape(f"{consent.get_method_display()}; {state}")
+            + "</p></div>"
+        )
+        section["entry"] = [{"reference": consent_url}]
+        sections.append(section)
     if visit.patient_ref:
         composition["subject"] = _reference(visit.patient_ref, "Patient")
     if visit.encounter_ref:
@@ -169,6 +246,11 @@ def note_bundle(entry: NoteEntry, *, now: datetime | None = None) -> Bundle:
                     "fullUrl": _urn(identifier, "DocumentReference"),
                     "resource": document_reference,
                 },
+                *(
+                    [{"fullUrl": consent_url, "resource": consent_resource(visit, consent)}]
+                    if consent is not None
+                    else []
+                ),
             ],
         }
     )

@@ -16,6 +16,7 @@ subject that is no visit) still needs is kept, and the purge says so."""
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -161,6 +162,8 @@ def _recordings(visit: Visit) -> tuple[set[Path], set[Path]]:
     used = run_input_users("recording", names, other_than=visit.subject)
     live = _live_subjects(subject for _, subject in used)
     shared |= {name for name, subject in used if subject in live}
+    # A browser recording's pieces, kept for its live transcription: no other visit has them.
+    names |= run_input_values(visit.subject, "recording_pieces")
     delete = {artifact_path(name) for name in names - shared}
     keep = {artifact_path(name) for name in names & shared}
     return {path for path in delete if path.exists()}, {path for path in keep if path.exists()}
@@ -199,18 +202,28 @@ def _purger_check(actor: User | AnonymousUser | None, visit: Visit) -> None:
 
 def _delete(plan: PurgePlan) -> None:
     for path in plan.recordings:
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     stage_dirs_delete(plan.artifacts)
 
 
 def visit_purge(
-    visit: Visit, *, reason: str, actor: User | AnonymousUser | None = None
+    visit: Visit,
+    *,
+    reason: str,
+    actor: User | AnonymousUser | None = None,
+    permitted: bool = False,
 ) -> PurgePlan:
     """Delete the visit's PHI now and mark it purged; record it in the audit trail.
+    `permitted` says the caller has already decided that `actor` may (the clinician whose
+    patient withdrew consent, `privacy.consent`).
 
     The rows change in one transaction, and the files are deleted last inside it: if a
     deletion fails, nothing is marked and the next purge tries the whole visit again."""
-    _purger_check(actor, visit)
+    if not permitted:
+        _purger_check(actor, visit)
     if not reason.strip():
         raise OperationRefused("Say why the visit is purged: the audit trail keeps the reason.")
     with transaction.atomic():

@@ -48,6 +48,7 @@ from pipeline import PipelineError, StageStatus, output_of
 from visits.errors import RecordingRejected
 from visits.notes import claims
 from visits.notes.spoken_numbers import numbers_in, spoken_numbers_normalize
+from visits.privacy.consent import SYNTHETIC_CONSENT
 from visits.refs import INGEST, NOTE, SUMMARIZE
 from visits.schemas import (
     ClinicalSummary,
@@ -486,6 +487,7 @@ def recording_evaluate(
         clinician=clinician,
         recording=item.recording,
         label=f"evaluation: {item.case.slug}",
+        consent=SYNTHETIC_CONSENT,
         whisper_prompt=vocabulary_prompt(item.case.specialty, []) if vocabulary else "",
     )
     started = time.monotonic()

@@ -19,6 +19,7 @@ import av
 import numpy as np
 
 from visits.errors import SUPPORTED_FORMATS, EmptyRecording, RecordingTooLong, UnreadableRecording
+from visits.speech.pieces import PieceReader
 
 SAMPLE_RATE = 16_000
 # A file that decodes to less than this share of the length its header declares was cut short.
@@ -38,6 +39,9 @@ ACCEPTED_DEMUXERS = (
     "flac",
     "matroska,webm",  # .webm
 )
+# A recording made in the browser streams in one of these (MediaRecorder's containers that need
+# no seeking to read), named as the recorder names them, with the demuxer that reads them.
+STREAM_DEMUXERS = {"webm": "webm", "ogg": "ogg"}
 # Only the upload itself, a local file: no network or other protocol, whatever a demuxer asks.
 _OPEN_OPTIONS = {
     "format_whitelist": ",".join(ACCEPTED_DEMUXERS),
@@ -70,14 +74,28 @@ def recording_normalize(
     *,
     max_seconds: float,
     heartbeat: Callable[[], None] | None = None,
+    stream_format: str | None = None,
 ) -> DecodedRecording:
     """Decode `source` into `dest` as 16 kHz mono s16le; raise a permanent error for any file
     that is not a whole, playable, non-empty recording within the limits. `heartbeat` is called
-    at most every `HEARTBEAT_INTERVAL_SECONDS` while decoding; what it raises stops the decode."""
-    if source.stat().st_size == 0:
-        raise EmptyRecording("The file is empty (0 bytes). Check the recorder and upload again.")
+    at most every `HEARTBEAT_INTERVAL_SECONDS` while decoding; what it raises stops the decode.
+
+    With `stream_format` (a key of `STREAM_DEMUXERS`), `source` is the folder of a recording
+    arriving as pieces (`visits.speech.pieces`), decoded as they come until it is sealed."""
     try:
-        container = av.open(str(source), mode="r", container_options=_OPEN_OPTIONS)
+        if stream_format is not None:
+            container = av.open(
+                PieceReader(source),
+                mode="r",
+                format=STREAM_DEMUXERS[stream_format],
+                container_options=_OPEN_OPTIONS,
+            )
+        else:
+            if source.stat().st_size == 0:
+                raise EmptyRecording(
+                    "The file is empty (0 bytes). Check the recorder and upload again."
+                )
+            container = av.open(str(source), mode="r", container_options=_OPEN_OPTIONS)
     except av.ArgumentError as exc:
         # FFmpeg's answer when the file is of a kind outside the allow-lists.
         raise UnreadableRecording(
@@ -159,52 +177,91 @@ def recording_normalize_isolated(
     """`recording_normalize` in a child process limited to `memory_bytes` of address space and
     `cpu_seconds` of CPU, writing to the file `dest`: a decoder bug or a crafted file can then
     exhaust only the child, never the worker. The worker heartbeats while it waits, and what
-    `heartbeat` raises (a lost lease, a passed deadline) stops the child at once.
+    `heartbeat` raises (a lost lease, a passed deadline) stops the child at once."""
+    with DecodeChild(
+        source, dest, max_seconds=max_seconds, memory_bytes=memory_bytes, cpu_seconds=cpu_seconds
+    ) as child:
+        while (decoded := child.poll(wait_seconds=HEARTBEAT_INTERVAL_SECONDS)) is None:
+            if heartbeat is not None:
+                heartbeat()
+        return decoded
+
+
+class DecodeChild:
+    """`recording_normalize` running in a child process with limits (see
+    `recording_normalize_isolated`), watched without blocking: `poll` says whether it is done.
+    Leaving the `with` block stops a child still running.
 
     The child is a fresh interpreter running this module (not a fork of a worker that holds
-    threads and connections, nor multiprocessing's spawn, which re-imports the caller's main)."""
-    limits = [str(max_seconds), str(memory_bytes), str(cpu_seconds)]
-    child = subprocess.Popen(
-        [sys.executable, "-m", __name__, str(source), str(dest), *limits],
-        cwd=Path(__file__).resolve().parents[2],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        while True:
-            try:
-                # Never a zero wait: `communicate` would time out before reading anything.
-                out, _ = child.communicate(timeout=max(0.05, HEARTBEAT_INTERVAL_SECONDS))
-                break
-            except subprocess.TimeoutExpired:
-                if heartbeat is not None:
-                    heartbeat()
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.communicate()
-    try:
-        kind, payload = json.loads(out)
-    except ValueError:  # no answer: the child was stopped by a limit, or crashed
-        raise UnreadableRecording(
-            "The recording could not be decoded within the limits a recording is given "
-            f"({memory_bytes // 2**20} MB of memory, {cpu_seconds} s of CPU): it may be "
-            f"damaged or crafted. Export it again as a {SUPPORTED_FORMATS} file and upload it."
-        ) from None
-    if kind == "ok":
-        return DecodedRecording(**payload)
-    raise _DECODE_ERRORS[kind](payload)
+    threads and connections, nor multiprocessing's spawn, which re-imports the caller's main).
+    For a recording arriving as pieces (`stream_format`), it writes PCM as it decodes, so the
+    parent may read the samples already in `dest` while the recording goes on."""
+
+    def __init__(
+        self,
+        source: Path,
+        dest: Path,
+        *,
+        max_seconds: float,
+        memory_bytes: int,
+        cpu_seconds: int,
+        stream_format: str | None = None,
+    ) -> None:
+        self._limits = (memory_bytes, cpu_seconds)
+        args = [str(source), str(dest), str(max_seconds), str(memory_bytes), str(cpu_seconds)]
+        self._child = subprocess.Popen(
+            [sys.executable, "-m", __name__, *args, stream_format or ""],
+            cwd=Path(__file__).resolve().parents[2],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def __enter__(self) -> DecodeChild:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._child.poll() is None:
+            self._child.kill()
+            self._child.communicate()
+
+    def poll(self, wait_seconds: float = 0) -> DecodedRecording | None:
+        """The decoded recording once the child is done (None while it runs, after waiting up
+        to `wait_seconds`); the child's error, raised as is, if it failed."""
+        try:
+            # Never a zero wait: `communicate` would time out before reading anything.
+            out, _ = self._child.communicate(timeout=max(0.05, wait_seconds))
+        except subprocess.TimeoutExpired:
+            return None
+        try:
+            kind, payload = json.loads(out)
+        except ValueError:  # no answer: the child was stopped by a limit, or crashed
+            memory_bytes, cpu_seconds = self._limits
+            raise UnreadableRecording(
+                "The recording could not be decoded within the limits a recording is given "
+                f"({memory_bytes // 2**20} MB of memory, {cpu_seconds} s of CPU): it may be "
+                f"damaged or crafted. Export it again as a {SUPPORTED_FORMATS} file and upload "
+                "it."
+            ) from None
+        if kind == "ok":
+            return DecodedRecording(**payload)
+        raise _DECODE_ERRORS[kind](payload)
 
 
 def _decode_child(argv: list[str]) -> None:
     """The child's side: set the limits, decode, print the result or the error's words."""
-    source, dest, max_seconds, memory_bytes, cpu_seconds = argv
+    source, dest, max_seconds, memory_bytes, cpu_seconds, stream_format = argv
     resource.setrlimit(resource.RLIMIT_AS, (int(memory_bytes), int(memory_bytes)))
     resource.setrlimit(resource.RLIMIT_CPU, (int(cpu_seconds), int(cpu_seconds) + 5))
     try:
-        with open(dest, "wb") as out:
-            decoded = recording_normalize(Path(source), out, max_seconds=float(max_seconds))
+        # Unbuffered while streaming: the parent cuts chunks from what is already written.
+        with open(dest, "wb", buffering=0 if stream_format else -1) as out:
+            decoded = recording_normalize(
+                Path(source),
+                out,
+                max_seconds=float(max_seconds),
+                stream_format=stream_format or None,
+            )
         answer: list[Any] = ["ok", asdict(decoded)]
     except (EmptyRecording, RecordingTooLong, UnreadableRecording) as exc:
         # FFmpeg out of memory is the limit speaking, not the file: the parent says so.
@@ -261,10 +318,12 @@ def _reason(exc: BaseException) -> str:
 
 
 def pcm_load(path: Path) -> np.ndarray:
-    """Map normalized PCM without reading it into memory."""
-    if path.stat().st_size == 0:
+    """Map normalized PCM without reading it into memory (the whole samples written so far, if
+    a decoder is still writing it)."""
+    samples = path.stat().st_size // 2
+    if samples == 0:
         return np.zeros(0, dtype=np.int16)
-    return np.memmap(path, dtype=np.int16, mode="r")
+    return np.memmap(path, dtype=np.int16, mode="r", shape=(samples,))
 
 
 if __name__ == "__main__":

@@ -76,18 +76,37 @@ def transcribe_options() -> dict[str, object]:
 
 def chunk_bounds(pcm: np.ndarray, chunk_seconds: float) -> list[tuple[int, int]]:
     """Sample ranges covering `pcm`, each about `chunk_seconds` long, cut at quiet moments."""
-    total = int(pcm.shape[0])
-    nominal = int(chunk_seconds * SAMPLE_RATE)
-    if total <= nominal * 1.25:
-        return [(0, total)] if total else []
-    bounds: list[tuple[int, int]] = []
-    start = 0
-    while total - start > nominal * 1.25:
-        cut = _quietest_cut(pcm, start + nominal)
-        bounds.append((start, cut))
-        start = cut
-    bounds.append((start, total))
-    return bounds
+    return ChunkCutter(chunk_seconds).cut(pcm, final=True)
+
+
+class ChunkCutter:
+    """Cuts a recording that is still growing into the chunks `chunk_bounds` would cut from the
+    whole of it: each cut as soon as the audio it looks at has arrived, never moved afterwards
+    (a chunk's bounds are part of its checkpoint's key)."""
+
+    def __init__(self, chunk_seconds: float) -> None:
+        self.nominal = int(chunk_seconds * SAMPLE_RATE)
+        self.bounds: list[tuple[int, int]] = []
+        self._start = 0
+        self._closed = False
+
+    def cut(self, pcm: np.ndarray, *, final: bool) -> list[tuple[int, int]]:
+        """Every chunk so far of the recording whose first `len(pcm)` samples are `pcm`; with
+        `final`, the recording is whole and the rest of it is the last chunk."""
+        total = int(pcm.shape[0])
+        # A cut is decided within reach of its nominal point: the whole search window must be
+        # here before it is made; a recording that may still grow keeps its last chunk open.
+        reach = int(_CUT_SEARCH_SECONDS * SAMPLE_RATE)
+        margin = self.nominal * 1.25 if final else max(self.nominal * 1.25, self.nominal + reach)
+        while not self._closed and total - self._start > margin:
+            end = _quietest_cut(pcm, self._start + self.nominal)
+            self.bounds.append((self._start, end))
+            self._start = end
+        if final and not self._closed:
+            if total > self._start:
+                self.bounds.append((self._start, total))
+            self._closed = True
+        return self.bounds
 
 
 def _quietest_cut(pcm: np.ndarray, around: int) -> int:

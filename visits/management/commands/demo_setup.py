@@ -6,6 +6,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from visits.privacy.consent import SYNTHETIC_CONSENT
 from visits.selectors import visits_of_clinician
 from visits.services import visit_create, visit_start
 
@@ -43,7 +44,12 @@ class Command(BaseCommand):
             credentials.append((username, password, "staff (admin)" if staff else "clinician"))
         clinician = users.objects.get(username=DEMO_CLINICIAN)
         if not visits_of_clinician(clinician).exists():
-            visit = visit_create(clinician=clinician, recording=sample, label="Sample visit")
+            visit = visit_create(
+                clinician=clinician,
+                recording=sample,
+                label="Sample visit",
+                consent=SYNTHETIC_CONSENT,
+            )
             visit_start(visit=visit)
             self.stdout.write(f"Queued the sample visit #{visit.pk} for the worker cluster.")
         self.stdout.write(self.style.SUCCESS("Log in with:"))
