@@ -49,7 +49,9 @@ logger = logging.getLogger(__name__)
 
 def visits_visible_to(user: User) -> QuerySet[Visit]:
     """A clinician sees their own visits; staff with the view permission see all."""
-    visits = Visit.objects.select_related("current_run", "clinician")
+    visits = Visit.objects.select_related(
+        "current_run", "clinician", "consent", "consent__attested_by"
+    )
     if user.is_staff and user.has_perm("visits.view_visit"):
         return visits
     return visits.filter(clinician=user)
@@ -188,7 +190,7 @@ class ConsentDoc(BaseModel):
 
 
 def consent_doc(visit: Visit) -> ConsentDoc | None:
-    consent = RecordingConsent.objects.filter(visit=visit).select_related("attested_by").first()
+    consent: RecordingConsent | None = getattr(visit, "consent", None)
     if consent is None:  # a visit from before consent was recorded
         return None
     return ConsentDoc(

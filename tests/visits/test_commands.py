@@ -97,7 +97,8 @@ def test_visit_status_human_output(clinician):
     assert lines[0] == f"visit {document['visit']}: succeeded"
     assert [line.split()[0] for line in lines[1:5]] == STAGES
     assert lines[5] == "  note: version 1, draft"
-    assert lines[6].startswith("  usage: 0 tokens in, 0 out, $0.0000")
+    assert lines[6] == "  consent: elsewhere, active"
+    assert lines[7].startswith("  usage: 0 tokens in, 0 out, $0.0000")
 
 
 def test_the_real_cli_keeps_stdout_for_json_and_logs_on_stderr(tmp_path):
@@ -112,7 +113,15 @@ def test_the_real_cli_keeps_stdout_for_json_and_logs_on_stderr(tmp_path):
     manage = [sys.executable, str(settings.BASE_DIR / "manage.py")]
     subprocess.run([*manage, "migrate", "-v0"], env=env, check=True)
     done = subprocess.run(
-        [*manage, "process_recording", str(SHORT_VISIT), "--inline", "--json"],
+        [
+            *manage,
+            "process_recording",
+            str(SHORT_VISIT),
+            "--consent",
+            "verbal",
+            "--inline",
+            "--json",
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -120,4 +129,5 @@ def test_the_real_cli_keeps_stdout_for_json_and_logs_on_stderr(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["status"] == "succeeded"
+    assert json.loads(done.stdout)["consent"]["method"] == "verbal"
     assert "stage transcribe attempt 1 succeeded" in done.stderr

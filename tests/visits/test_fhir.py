@@ -21,7 +21,10 @@ from visits.services import visit_create, visit_rerun_from, visit_start
 pytestmark = pytest.mark.django_db(transaction=True)
 
 XHTML = "{http://www.w3.org/1999/xhtml}div"
-SECTION_CODES = ["10154-3", "10164-2", "61150-9", "61149-1", "51848-0", "18776-5", "69730-0"]
+SECTION_CODES = [
+    *("10154-3", "10164-2", "61150-9", "61149-1", "51848-0", "18776-5", "69730-0"),
+    "59284-0",  # the consent to recording
+]
 
 
 @pytest.fixture

@@ -95,7 +95,7 @@ def fhir(client, visit: Visit, number: int | None = None):
 def resources(response) -> tuple[dict, dict]:
     """The Composition and the DocumentReference of an exported Bundle."""
     document = json.loads(response.content)
-    composition, reference = (entry["resource"] for entry in document["entry"])
+    composition, reference = (entry["resource"] for entry in document["entry"][:2])
     assert (composition["resourceType"], reference["resourceType"]) == (
         "Composition",
         "DocumentReference",

@@ -81,7 +81,7 @@ def test_reprocess_finishes_a_visit_failed_in_an_llm_stage_without_redoing_anyth
     assert (entry.action, entry.run_id, entry.stage, entry.actor) == ("retry", run.pk, "note", None)
     # The engine's log and the audit trail both name the --actor and the OS login beside it.
     assert entry.actor_label == f"test-operator (cli:{getpass.getuser()})"
-    (event,) = visit.access_events.all()
+    (event,) = visit.access_events.exclude(action="consent")
     assert (event.action, event.run_id, event.actor_label, event.os_user, event.reason) == (
         "retry",
         run.pk,
