@@ -330,6 +330,11 @@ def _visit_context(request: AuthenticatedHttpRequest, visit: Visit) -> dict[str,
         ],
         "is_owner": visit.clinician_id == request.user.pk,
         "consent": getattr(visit, "consent", None),
+        # A visit still being recorded: what has been heard so far (the transcript comes later).
+        "heard": live_transcript(visit)
+        if document.recording in ("recording", "interrupted") and document.transcript is None
+        else None,
+        "live_chunk_seconds": settings.TRANSCRIBE_LIVE_CHUNK_SECONDS,
         "idle_minutes": settings.RECORDING_IDLE_MINUTES,
         "needs_reason": latest is not None
         and not latest.version.is_signed

@@ -176,6 +176,11 @@
         .then(function (body) {
           if (!body) return;
           box.hidden = false;
+          if (!body.segments.length) {
+            lines.textContent = "Listening: the first lines come once the first chunk of the visit is heard.";
+            return;
+          }
+          if (!lines.querySelector("[data-segment]")) lines.textContent = "";
           while (lines.children.length > body.segments.length) lines.removeChild(lines.lastChild);
           body.segments.forEach(function (segment, i) {
             var line = lines.children[i];
