@@ -34,7 +34,13 @@ from pipeline.core.states import FailureKind, StageStatus
 from tests.conftest import SAMPLE_VISIT, SHORT_VISIT, requires_postgres
 from tests.support.cluster import Cluster, wait_for
 from tests.support.temporal import TemporalWorker, dev_server, temporal_cli, temporal_environment
+from visits.capture.browser_recordings import (
+    recording_piece_save,
+    recording_session_finish,
+    recording_session_start,
+)
 from visits.models import Visit
+from visits.selectors import visit_stages, visit_transcript
 from visits.services import visit_create, visit_rerun_from, visit_start
 
 CLI = temporal_cli()
@@ -308,3 +314,56 @@ def test_transcription_routed_to_its_own_queue_runs_there_and_comes_back(backend
         "summarize": main.process.pid,
         "note": main.process.pid,
     }
+
+
+def test_a_live_visit_outlives_its_workers_and_hears_each_chunk_once(backend, clinician):
+    """A recording transcribed while it is made (`units_stream`): every worker is killed
+    mid-visit while the pieces keep coming; new workers carry on from the chunks heard, and
+    after Stop the transcript is the whole visit's."""
+    live = {"TRANSCRIBE_LIVE_CHUNK_SECONDS": "10"}
+    first = backend.start_worker(**live)
+    session = uuid.uuid4()
+    visit = recording_session_start(
+        clinician=clinician, session_id=session, mime="audio/ogg", consent=None
+    )
+    data = SAMPLE_VISIT.read_bytes()
+    size = -(-len(data) // 14)
+    pieces = [data[i : i + size] for i in range(0, len(data), size)]
+
+    def send(indexes: range) -> None:
+        for index in indexes:
+            recording_piece_save(
+                clinician=clinician, session_id=session, index=index, data=pieces[index]
+            )
+
+    send(range(8))
+    wait_for(
+        lambda: Unit.objects.filter(stage__run=visit.current_run, status="done").exists(),
+        timeout=120,
+        what="the first chunk heard while the visit goes on",
+    )
+    first.kill()
+    heard = {
+        unit.key: (unit.worker, unit.tries, unit.finished_at)
+        for unit in Unit.objects.filter(stage__run=visit.current_run, status="done")
+    }
+    send(range(8, len(pieces)))  # the recording goes on with no worker at all
+    second = backend.start_worker(**live)
+    recording_session_finish(clinician=clinician, session_id=session, pieces=len(pieces))
+
+    assert wait_until_final(visit, backend, timeout=240) == RunStatus.SUCCEEDED, second.log()
+    transcribe = stage(visit, "transcribe")
+    attempts = list(transcribe.attempts.order_by("number"))
+    assert (attempts[0].status, attempts[0].error_code) == (AttemptStatus.LOST, "lease_lost")
+    assert attempts[-1].status == AttemptStatus.SUCCEEDED
+    units = {unit.key: unit for unit in Unit.objects.filter(stage=transcribe)}
+    # No chunk heard before the kill was heard again; together they cover the whole visit.
+    assert {
+        key: (units[key].worker, units[key].tries, units[key].finished_at) for key in heard
+    } == heard
+    assert transcribe.output["chunks"] == len(units) >= 4
+    assert transcribe.output["chunks_reused"] >= len(heard)
+    transcript = visit_transcript(visit_stages(visit))
+    assert transcript is not None
+    text = " ".join(segment.text for segment in transcript.segments).lower()
+    assert "headache" in text and "milligrams" in text, text
