@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from django.conf import settings
 from django.core.files import File
 from django.db import IntegrityError, transaction
+from django.db.models import F
 from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 
@@ -135,9 +136,11 @@ def recording_piece_save(*, clinician: User, session_id: uuid.UUID, index: int, 
     if visit.recording_stopped_at is not None:
         raise RecordingRejected("This recording was stopped; start a new visit for the rest.")
     folder = _session_dir(clinician, session_id)
-    kept = sum(path.stat().st_size for path in folder.glob("*.piece"))
     previous = piece_path(folder, index)
-    kept -= previous.stat().st_size if previous.exists() else 0
+    # The bytes kept so far are counted on the visit, not by listing its folder: a piece costs
+    # the same at the end of a two-hour visit as at its start.
+    replaced = previous.stat().st_size if previous.exists() else 0
+    kept = visit.recording_bytes - replaced
     if kept + len(data) > settings.RECORDING_MAX_BYTES:
         raise RecordingRejected(
             f"The recording has passed the {filesizeformat(settings.RECORDING_MAX_BYTES)} "
@@ -148,7 +151,10 @@ def recording_piece_save(*, clinician: User, session_id: uuid.UUID, index: int, 
     partial.write_bytes(data)
     partial.replace(previous)
     # One write per piece, whatever the length of the visit: what tells live from interrupted.
-    Visit.objects.filter(pk=visit.pk).update(pieces_received_at=timezone.now())
+    Visit.objects.filter(pk=visit.pk).update(
+        pieces_received_at=timezone.now(),
+        recording_bytes=F("recording_bytes") + len(data) - replaced,
+    )
     return kept + len(data)
 
 
