@@ -325,9 +325,10 @@ WHISPER_BEAM_SIZE = env_int("WHISPER_BEAM_SIZE", 5)
 WHISPER_CPU_THREADS = env_int("WHISPER_CPU_THREADS", 0)
 TRANSCRIBE_CHUNK_SECONDS = env_float("TRANSCRIBE_CHUNK_SECONDS", 120.0)
 # While a visit is recorded, chunks are cut this long (about a quarter more at most), so that
-# the transcript trails the conversation by one chunk and Stop leaves one chunk to transcribe:
-# on a 2-core host a 20 s chunk takes about 1.5 s (BENCHMARKS.md, "The live visit").
-TRANSCRIBE_LIVE_CHUNK_SECONDS = env_float("TRANSCRIBE_LIVE_CHUNK_SECONDS", 20.0)
+# the transcript trails the conversation by one chunk and Stop leaves one chunk to transcribe
+# (about 2 s on a 2-core host). Shorter chunks give Whisper less context: on the evaluation set
+# 25 s was the shortest within a point of one pass's WER (BENCHMARKS.md, "Live visit").
+TRANSCRIBE_LIVE_CHUNK_SECONDS = env_float("TRANSCRIBE_LIVE_CHUNK_SECONDS", 25.0)
 # No consent, no capture: a visit is recorded or processed only once the clinician has recorded
 # the patient's consent, unless the practice collects it outside this application (say so here;
 # every visit then records that it did).

@@ -13,7 +13,7 @@
 
   // A reload or a closed tab loses at most the piece being recorded: keep pieces short.
   var PIECE_MS = 3000;
-  // How often the transcript so far is fetched: well within one chunk (20 s) of real time.
+  // How often the transcript so far is fetched: well within one chunk (25 s) of real time.
   var TRANSCRIPT_POLL_MS = 3000;
   var DB_NAME = "visit-recordings";
   var root = document.getElementById("recorder");
