@@ -29,6 +29,7 @@ BENCHMARKS = (
     "fan_out",
     "backlog",
     "temporal",
+    "live",
 )
 
 

@@ -141,7 +141,8 @@ def test_make_prod_serves_the_app_and_processes_a_visit_uploaded_through_the_web
         uploaded = browser.request(
             "POST",
             "/visits/new/",
-            data={"label": "smoke", "csrfmiddlewaretoken": token},
+            # As a clinician gives it on the form: the production stack asks for consent.
+            data={"label": "smoke", "consent_method": "verbal", "csrfmiddlewaretoken": token},
             files={"recording": (SHORT_VISIT.name, recording, "audio/mpeg")},
         )
     assert uploaded.status_code == 302, uploaded.text

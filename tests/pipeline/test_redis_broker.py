@@ -97,7 +97,7 @@ def manage(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
 
 def enqueue(env: dict[str, str], recording: Path) -> Visit:
     """`process_recording` without --inline: create the visit, enqueue it on Redis, return."""
-    done = manage(env, "process_recording", str(recording), "--json")
+    done = manage(env, "process_recording", str(recording), "--consent", "verbal", "--json")
     assert done.returncode == 0, done.stderr
     document: dict[str, Any] = json.loads(done.stdout)
     assert document["status"] in ("queued", "running"), document
