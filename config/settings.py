@@ -336,6 +336,9 @@ CONSENT_COLLECTED_ELSEWHERE = env_bool("CONSENT_COLLECTED_ELSEWHERE", default=Fa
 # A recording whose pieces stopped coming this long ago is shown as interrupted: the clinician
 # may resume it from any device, finish it with what arrived, or withdraw it.
 RECORDING_IDLE_MINUTES = env_float("RECORDING_IDLE_MINUTES", 2.0)
+# ...and after this long nobody came back: it is finished with what arrived (a schedule, every
+# minute), so that its transcription ends and frees the worker it holds for the visit.
+RECORDING_ABANDON_MINUTES = env_float("RECORDING_ABANDON_MINUTES", 60.0)
 
 # --- Recordings ----------------------------------------------------------------------------
 RECORDING_MAX_BYTES = env_int("RECORDING_MAX_BYTES", 500 * 1024 * 1024)

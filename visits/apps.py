@@ -15,9 +15,9 @@ class VisitsConfig(AppConfig):
         from visits import checks  # noqa: F401
         from visits.notes.delivery import NOTE_DELIVERY_WORKFLOW
         from visits.privacy import audit  # noqa: F401
-        from visits.privacy.retention import purge_schedule_ensure
+        from visits.schedules import schedules_ensure
         from visits.stages import VISIT_WORKFLOW
 
         workflow_register(VISIT_WORKFLOW)
         workflow_register(NOTE_DELIVERY_WORKFLOW)
-        post_migrate.connect(purge_schedule_ensure, sender=self)
+        post_migrate.connect(schedules_ensure, sender=self)

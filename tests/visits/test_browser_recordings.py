@@ -8,21 +8,24 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from django.db import connection
 from django.test import Client
 from django.urls import reverse
-from django_q.models import OrmQ
+from django.utils import timezone
+from django_q.models import OrmQ, Schedule
 
 from pipeline import artifact_path, stage_output
 from pipeline.core import executor
 from pipeline.core.states import RunStatus
 from tests.conftest import SAMPLE_VISIT, requires_postgres
-from visits.capture.browser_recordings import PIECE_MAX_BYTES
+from visits.capture.browser_recordings import PIECE_MAX_BYTES, recordings_abandoned_finish
 from visits.models import AccessEvent, Visit
 from visits.refs import TRANSCRIBE
+from visits.schedules import ABANDONED_SCHEDULE_NAME, schedules_ensure
 from visits.selectors import live_transcript, visit_stages, visit_status_document, visit_transcript
 from visits.services import visit_create
 from visits.speech import audio, transcription
@@ -360,3 +363,43 @@ def test_the_pieces_folder_is_the_clinicians_own(clinician, client):
 
     assert isinstance(folder, Path) and (folder / "000000.piece").read_bytes() == b"abc"
     assert str(clinician.pk) in folder.parts
+
+
+def test_a_recording_nobody_came_back_to_is_finished_with_what_arrived(
+    client, clinician, recorded, settings
+):
+    client.force_login(clinician)
+    kept, empty, live = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    for session in (kept, empty, live):
+        start(client, session)
+    for index in range(3):
+        send_piece(client, kept, index, recorded[index])
+    settings.RECORDING_ABANDON_MINUTES = 0
+    send_piece(client, live, 0, recorded[0])
+    Visit.objects.filter(recording_session=live).update(
+        pieces_received_at=timezone.now() + timedelta(minutes=5)
+    )
+
+    finished = recordings_abandoned_finish()
+
+    by_session = {v.recording_session: v for v in Visit.objects.all()}
+    assert sorted(finished) == sorted([by_session[kept].pk, by_session[empty].pk])
+    assert by_session[live].recording_stopped_at is None  # its pieces are still coming
+    with by_session[kept].recording.open("rb") as stored:
+        assert stored.read() == b"".join(recorded[:3])
+    stop = AccessEvent.objects.get(visit=by_session[kept], action=AccessEvent.Action.STOP_RECORDING)
+    assert stop.actor is None and "abandoned" in stop.detail
+    assert executor.run_execute_inline(by_session[kept].current_run).status == RunStatus.SUCCEEDED
+    # No audio ever came: the run ends, saying so, rather than wait for the rest of the day.
+    failed = executor.run_execute_inline(by_session[empty].current_run)
+    assert failed.status == RunStatus.FAILED
+    assert "before any audio arrived" in failed.error
+    assert recordings_abandoned_finish() == []
+
+
+def test_the_schedules_finish_abandoned_recordings_every_minute():
+    schedules_ensure()
+
+    schedule = Schedule.objects.get(name=ABANDONED_SCHEDULE_NAME)
+    assert schedule.func == "visits.capture.browser_recordings.recordings_abandoned_finish"
+    assert (schedule.schedule_type, schedule.minutes, schedule.repeats) == (Schedule.MINUTES, 1, -1)

@@ -32,16 +32,15 @@ from visits.notes.delivery import NOTE_DELIVERY_WORKFLOW
 from visits.notes.versions import note_sign
 from visits.privacy.retention import (
     OUTPUTS_WITHOUT_PHI,
-    PURGE_SCHEDULE_NAME,
     PURGED_ENGINE,
     PURGED_OUTPUTS,
     VisitAlreadyPurged,
-    purge_schedule_ensure,
     purge_task,
     visit_purge,
     visits_due_for_purge,
 )
 from visits.refs import INGEST, NOTE, SUMMARIZE, TRANSCRIBE
+from visits.schedules import PURGE_SCHEDULE_NAME, schedules_ensure
 from visits.selectors import visit_stages, visit_transcript
 from visits.services import visit_create, visit_rerun_from, visit_start
 from visits.stages import VISIT_WORKFLOW
@@ -361,7 +360,7 @@ def test_the_admin_purges_with_a_reason_and_never_deletes(
 
 
 def test_the_daily_schedule_runs_the_purge(clinician):
-    purge_schedule_ensure()
+    schedules_ensure()
     schedule = Schedule.objects.get(name=PURGE_SCHEDULE_NAME)
     assert schedule.func == "visits.privacy.retention.purge_task"
     assert schedule.schedule_type == Schedule.DAILY and schedule.repeats == -1

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import shutil
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core.files import File
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.template.defaultfilters import filesizeformat
 from django.utils import timezone
 
@@ -169,10 +170,17 @@ def pieces_arrived(visit: Visit) -> int:
 
 
 def recording_session_finish(
-    *, clinician: User, session_id: uuid.UUID, pieces: int | None, label: str = ""
+    *,
+    clinician: User,
+    session_id: uuid.UUID,
+    pieces: int | None,
+    label: str = "",
+    abandoned: bool = False,
 ) -> Visit:
     """Stop the recording at `pieces` pieces (None: those that arrived, for an interrupted
-    recording finished from another tab) and seal it; the same visit when already stopped."""
+    recording finished from another tab) and seal it; the same visit when already stopped.
+    `abandoned`: nobody came back to it (`recordings_abandoned_finish`); with no audio at all
+    it is sealed empty, and its run then fails saying so."""
     visit = _session_visit(clinician, session_id)
     folder = _session_dir(clinician, session_id)
     with transaction.atomic():
@@ -181,7 +189,7 @@ def recording_session_finish(
             return visit
         if pieces is None:
             pieces = pieces_arrived(visit)
-        if not 1 <= pieces <= PIECES_MAX:
+        if not (0 if abandoned else 1) <= pieces <= PIECES_MAX:
             raise RecordingRejected("The recording has no audio yet; record for a few seconds.")
         missing = [i for i in range(pieces) if not piece_path(folder, i).exists()]
         if missing:
@@ -191,7 +199,8 @@ def recording_session_finish(
                 "this page open: they are kept in the browser and will be sent again."
             )
         pieces_seal(folder, pieces)
-        _recording_join(visit, folder, pieces)
+        if pieces:
+            _recording_join(visit, folder, pieces)
         visit.recording_stopped_at = timezone.now()
         if label:
             visit.label = label[:200]
@@ -203,10 +212,46 @@ def recording_session_finish(
                 "label",
             ]
         )
-        audit_record(Action.STOP_RECORDING, user=clinician, visit=visit, detail=f"{pieces} pieces")
+        audit_record(
+            Action.STOP_RECORDING,
+            user=None if abandoned else clinician,
+            visit=visit,
+            detail=f"{pieces} pieces"
+            + (
+                f"; abandoned: no piece for {settings.RECORDING_ABANDON_MINUTES:g} minutes"
+                if abandoned
+                else ""
+            ),
+        )
         if visit.current_run is not None:
             stream_seal(visit.current_run.pk, TRANSCRIBE)
     return visit
+
+
+def recordings_abandoned_finish() -> list[int]:
+    """Finish, with the pieces that arrived, every browser recording whose pieces stopped
+    coming `RECORDING_ABANDON_MINUTES` ago and that nobody stopped or withdrew: its
+    transcription then ends and frees the worker it holds. The ids of the visits finished (the
+    every-minute schedule's task)."""
+    cutoff = timezone.now() - timedelta(minutes=settings.RECORDING_ABANDON_MINUTES)
+    stale = Visit.objects.filter(
+        recording_session__isnull=False,
+        recording_stopped_at__isnull=True,
+        consent__withdrawn_at__isnull=True,
+    ).filter(
+        Q(pieces_received_at__lt=cutoff) | Q(pieces_received_at__isnull=True, created_at__lt=cutoff)
+    )
+    finished = []
+    for visit in stale.select_related("clinician"):
+        assert visit.recording_session is not None
+        recording_session_finish(
+            clinician=visit.clinician,
+            session_id=visit.recording_session,
+            pieces=None,
+            abandoned=True,
+        )
+        finished.append(visit.pk)
+    return finished
 
 
 def _recording_join(visit: Visit, folder: Path, pieces: int) -> None:

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path, PurePath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from django.conf import settings
 from django.core.exceptions import PermissionDenied
@@ -276,20 +276,3 @@ def visits_purge_due(
 def purge_task() -> int:
     """The daily schedule's django-q2 task. It returns a count, which django-q2 keeps."""
     return len(visits_purge_due())
-
-
-PURGE_SCHEDULE_NAME = "visits retention purge"
-
-
-def purge_schedule_ensure(**kwargs: Any) -> None:
-    """Create the daily purge schedule (connected to post_migrate, so it always exists)."""
-    from django_q.models import Schedule
-
-    Schedule.objects.update_or_create(
-        name=PURGE_SCHEDULE_NAME,
-        defaults={
-            "func": "visits.privacy.retention.purge_task",
-            "schedule_type": Schedule.DAILY,
-            "repeats": -1,
-        },
-    )
