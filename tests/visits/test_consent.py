@@ -201,3 +201,12 @@ def test_only_the_visits_clinician_may_withdraw(client, clinician, other_clinici
 
     assert response.status_code == 404
     assert RecordingConsent.objects.get(visit=visit).active
+
+
+def test_the_demos_generated_sample_is_recorded_as_synthetic_not_consented(settings):
+    settings.DEBUG = True
+
+    call_command("demo_setup", stdout=StringIO())
+
+    consent = RecordingConsent.objects.get()
+    assert (consent.method, consent.attested_by) == ("synthetic", None)
