@@ -28,6 +28,7 @@ from tests.conftest import SAMPLE_VISIT, requires_postgres
 from tests.support.cluster import Cluster
 from tests.support.temporal import TemporalWorker, dev_server, temporal_cli, temporal_environment
 from visits.models import Visit
+from visits.selectors import visit_stages, visit_transcript
 
 pytestmark = requires_postgres
 
@@ -255,7 +256,7 @@ def test_consent_then_the_transcript_grows_while_recording_through_killed_worker
         lines = page.locator("[data-recorder-lines] p")
         # The first chunk is heard while the visit goes on.
         expect(lines.first).to_be_visible(timeout=RECORDING_MS)
-        heard_early = " ".join(lines.all_inner_texts()).lower()
+        heard_early = "\n".join(lines.all_inner_texts()).lower()
         clusters[0].kill()  # every worker, mid-visit; recording carries on
         wait_for_elapsed(page, 24)
         clusters.append(workers())
@@ -273,13 +274,17 @@ def test_consent_then_the_transcript_grows_while_recording_through_killed_worker
     finally:
         for cluster in clusters:
             cluster.kill()
-    # (Which words a worker hears at the visit's very start depends on its thread count:
-    # "front of my head", at 6 s, is heard alike by both kinds of worker.)
-    assert "front of my head" in heard_early, heard_early
-    # Words from before the kill and from the end of the visit, long after it, each once.
-    assert "front of my head" in transcript and "milligrams" in transcript, transcript
-    assert transcript.count("front of my head") == 1, transcript
+    # What was heard before the kill is in the visit's transcript as it was heard then (its
+    # chunks were kept, not heard again), and the visit's last words, said long after the
+    # restart, are there too. (Which words tiny.en hears depends on the worker's threads, so
+    # the lines are compared with themselves, not with a script.)
+    early = [re.sub(r"^\d+:\d\d\s+", "", line) for line in heard_early.splitlines()]
+    for line in early:
+        assert line in transcript, (line, transcript)
     visit = Visit.objects.get()
+    final = visit_transcript(visit_stages(visit))
+    assert final is not None and final.segments[-1].end > 35, final
+    assert transcript.count(early[0]) == 1, transcript
     assert visit.consent.method == "verbal" and visit.consent.attested_by == clinician
 
 

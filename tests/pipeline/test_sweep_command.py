@@ -1,5 +1,6 @@
-"""`pipeline_sweep --every` outlives its database: connections cut under it (as a database
-restart or failover cuts them) are waited out, and the loop goes on sweeping on new ones."""
+"""`pipeline_sweep --every` outlives its database: an outage (new connections refused, open
+ones cut, as a restart or a failover does) is waited out, and the loop goes on sweeping on new
+connections."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import psycopg
 import pytest
 from django.conf import settings
 from django.db import connection
@@ -22,7 +24,7 @@ def sweeps(log: Path) -> int:
     return log.read_text(errors="replace").count("reaped ")
 
 
-def test_the_sweep_loop_waits_out_cut_connections_and_carries_on(tmp_path: Path):
+def test_the_sweep_loop_waits_out_a_database_outage_and_carries_on(tmp_path: Path):
     log = tmp_path / "sweep.log"
     with log.open("wb") as out:
         sweeper = subprocess.Popen(
@@ -34,13 +36,29 @@ def test_the_sweep_loop_waits_out_cut_connections_and_carries_on(tmp_path: Path)
         )
     try:
         wait_for(lambda: sweeps(log) >= 2, timeout=60, what="the sweep's first rounds")
-        for _ in range(3):
-            with connection.cursor() as cursor:
-                cursor.execute(
+        # The database goes away for 2 s: no new connection is allowed, and the open ones are
+        # cut (this test's own excepted).
+        db = connection.settings_dict
+        connection.ensure_connection()
+        # (A database cannot refuse connections from a session of its own: asked from another.)
+        with psycopg.connect(
+            host=db["HOST"] or "127.0.0.1",
+            port=db["PORT"] or 5432,
+            user=db["USER"] or "root",
+            dbname="postgres",
+            autocommit=True,
+        ) as admin:
+            name = db["NAME"]
+            try:
+                admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS false')
+                admin.execute(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    "WHERE datname = %s AND pid <> %s",
+                    [name, connection.connection.info.backend_pid],
                 )
-            time.sleep(0.5)
+                time.sleep(2.0)
+            finally:
+                admin.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS true')
         after_cuts = sweeps(log)
         wait_for(lambda: sweeps(log) >= after_cuts + 3, timeout=60, what="sweeps after the cuts")
         assert sweeper.poll() is None, log.read_text()
